@@ -1,0 +1,33 @@
+"""Settings of the morphed attention: how gates are shaped and how the linear branch is computed."""
+
+from dataclasses import dataclass
+
+from flashmorph.errors import ConfigError
+
+LINEAR_BACKENDS = ("auto", "naive", "fla")
+QK_SOURCES = ("pre_rope", "post_rope")
+SOFTMAX_IMPLS = ("sdpa", "eager")
+
+
+@dataclass
+class MorphConfig:
+    gate_granularity: str = "layer"  # "layer": one gate per layer; "head": one per layer and query head
+    gate_init: float = 0.88  # initial gate value sigmoid(logit) in (0, 1); near 1 = start close to softmax
+    linear_backend: str = "auto"  # "auto" (fla on CUDA, naive torch on CPU), "naive" or "fla"
+    qk_source: str = "pre_rope"  # Liger uses q/k before RoPE; "post_rope" feeds the rotated q/k instead
+    softmax_impl: str = "sdpa"  # transformers attention function for the softmax branch
+    decay_normalizer: float = 16.0  # forget gate = logsigmoid(k) / decay_normalizer (Liger's value)
+
+    def validate(self) -> None:
+        if self.gate_granularity not in ("layer", "head"):
+            raise ConfigError(f"morph.gate_granularity={self.gate_granularity!r} is unknown; use 'layer' or 'head'")
+        if not 0.0 < self.gate_init < 1.0:
+            raise ConfigError(f"morph.gate_init={self.gate_init} must lie strictly between 0 and 1")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ConfigError(f"morph.linear_backend={self.linear_backend!r} is unknown; use one of {LINEAR_BACKENDS}")
+        if self.qk_source not in QK_SOURCES:
+            raise ConfigError(f"morph.qk_source={self.qk_source!r} is unknown; use one of {QK_SOURCES}")
+        if self.softmax_impl not in SOFTMAX_IMPLS:
+            raise ConfigError(f"morph.softmax_impl={self.softmax_impl!r} is unknown; use one of {SOFTMAX_IMPLS}")
+        if self.decay_normalizer <= 0:
+            raise ConfigError(f"morph.decay_normalizer={self.decay_normalizer} must be > 0 (Liger uses 16)")

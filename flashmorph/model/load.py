@@ -1,0 +1,28 @@
+"""Load a HF causal LM directory for morphing, with clear errors for what flashmorph cannot morph."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from flashmorph.errors import FlashMorphError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def load_causal_lm(model_dir: str | Path, dtype: str = "bfloat16"):
+    """from_pretrained on a local directory (never the hub), softmax path on SDPA, in eval mode."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FlashMorphError(f"{model_dir} holds no config.json; point model.path at a HF model directory")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), attn_implementation="sdpa",
+                                                 local_files_only=True)
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise FlashMorphError(
+            f"model type {model.config.model_type!r} is not supported; flashmorph morphs {SUPPORTED_MODEL_TYPES}")
+    return model.eval()

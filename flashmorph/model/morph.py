@@ -1,0 +1,176 @@
+"""Morph a HF causal LM: every attention layer mixes its softmax path with a Liger-style linear branch.
+
+Nothing of the model's code is copied: flashmorph registers one attention function ("morph") with
+transformers' attention interface; each attention module carries a small `LayerMorph` record that
+tells the function how to treat that layer. Gate values reach the function as a forward kwarg.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from flashmorph.errors import FlashMorphError
+from flashmorph.model.config import MorphConfig
+from flashmorph.model.gates import MorphGates
+from flashmorph.model.linear_attention import liger_linear_attention
+from flashmorph.model.rope import undo_rope
+
+# Never put "flash" in this name: transformers would treat it as a flash-attention request.
+ATTN_KEY = "morph"
+LAYER_MODES = ("mixed", "full", "linear")
+_SOFTMAX_FUNCTIONS = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
+
+
+@dataclass
+class LayerMorph:
+    """Per-layer settings read by `morph_attention`; a plain record, so it holds no parameters."""
+
+    layer_idx: int
+    mode: str  # "mixed": gate-weighted sum of both branches; "full": softmax only; "linear": linear only
+    config: MorphConfig
+    rotary: nn.Module  # the model's rotary embedding, used to undo RoPE (holds buffers only)
+
+
+def _linear_branch(module: nn.Module, spec: LayerMorph, query, key, value, position_ids):
+    # query: [B, H, T, D]; key/value: [B, Hkv, T, D], as transformers hands them over (RoPE applied)
+    if key.shape[2] != query.shape[2]:
+        raise FlashMorphError(
+            "the morph linear branch got a KV cache longer than the query; generate with the hybrid model "
+            "(tools/export.py), not with a morphable model"
+        )
+    if spec.config.qk_source == "pre_rope":
+        if position_ids is None:
+            position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
+        cos, sin = spec.rotary(value, position_ids)  # [B, T, D]
+        query, key = undo_rope(query, cos, sin), undo_rope(key, cos, sin)
+    return liger_linear_attention(
+        query,
+        key,
+        value,
+        num_kv_groups=query.shape[1] // key.shape[1],
+        backend=spec.config.linear_backend,
+        normalizer=spec.config.decay_normalizer,
+    )  # [B, T, H, D]
+
+
+def morph_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The registered attention function: softmax, linear, or their gate-weighted mix for this layer."""
+    spec: LayerMorph | None = getattr(module, "morph", None)
+    if spec is None:
+        raise FlashMorphError(f"attention module {type(module).__name__} was not morphed; call morph_model first")
+    softmax_fn = _SOFTMAX_FUNCTIONS[spec.config.softmax_impl]
+    gate_values = kwargs.pop("morph_gates", None)
+    if spec.mode == "full":
+        return softmax_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    linear_out = _linear_branch(module, spec, query, key, value, kwargs.get("position_ids"))
+    if spec.mode == "linear":
+        return linear_out.to(value.dtype), None
+    if gate_values is None:
+        raise FlashMorphError("a morphable model needs gate values: call it through MorphableLM, not the bare HF model")
+    softmax_out, _ = softmax_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    gate = gate_values[spec.layer_idx].to(softmax_out.dtype)  # [] or [H]
+    gate = gate.view(1, 1, -1, 1) if gate.dim() == 1 else gate  # broadcast over [B, T, H, D]
+    return gate * softmax_out + (1 - gate) * linear_out.to(softmax_out.dtype), None
+
+
+def register_attention() -> None:
+    """Register the morph attention (and its mask builder) with transformers; idempotent."""
+    if ATTN_KEY not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTN_KEY, morph_attention)
+        AttentionMaskInterface.register(ATTN_KEY, sdpa_mask)
+
+
+def attention_modules(lm: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise FlashMorphError(
+            f"{type(lm).__name__} has no decoder.layers[i].self_attn; flashmorph supports Llama/Qwen2/Qwen3/Mistral-family models"
+        )
+    return [layer.self_attn for layer in layers]
+
+
+def _rotary(lm: nn.Module) -> nn.Module:
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        raise FlashMorphError(f"{type(lm).__name__} has no rotary_emb; set morph.qk_source=post_rope or use a RoPE model")
+    return rotary
+
+
+def apply_layer_modes(lm: nn.Module, config: MorphConfig, modes: list[str]) -> None:
+    """Attach a LayerMorph to every attention module and switch the model to the morph attention."""
+    modules = attention_modules(lm)
+    if len(modes) != len(modules):
+        raise FlashMorphError(f"got {len(modes)} layer modes for a model with {len(modules)} layers")
+    unknown = sorted(set(modes) - set(LAYER_MODES))
+    if unknown:
+        raise FlashMorphError(f"unknown layer mode(s) {unknown}; use {LAYER_MODES}")
+    register_attention()
+    rotary = _rotary(lm)
+    for idx, (module, mode) in enumerate(zip(modules, modes)):
+        module.morph = LayerMorph(layer_idx=idx, mode=mode, config=config, rotary=rotary)
+    lm.config._attn_implementation = ATTN_KEY
+
+
+class MorphableLM(nn.Module):
+    """A frozen causal LM plus the gates that mix softmax and linear attention in every layer."""
+
+    def __init__(self, lm: nn.Module, config: MorphConfig):
+        super().__init__()
+        config.validate()
+        self.lm = lm
+        self.morph_config = config
+        num_layers = lm.config.num_hidden_layers
+        num_heads = lm.config.num_attention_heads if config.gate_granularity == "head" else None
+        self.gates = MorphGates(num_layers, num_heads, config.gate_init)
+        apply_layer_modes(lm, config, ["mixed"] * num_layers)
+        lm.requires_grad_(False)
+
+    def hidden_states(self, input_ids, position_ids=None, gate_values=None):
+        """Final hidden states [B, T, hidden] and the gate values used. gate_values overrides the learned gates."""
+        if gate_values is None:
+            gate_values = self.gates()
+        decoder = self.lm.get_decoder()
+        out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, morph_gates=gate_values)
+        return out.last_hidden_state, gate_values
+
+    def forward(self, input_ids, labels=None, position_ids=None, gate_values=None):
+        """Retrieval loss pieces on answer tokens only, so T x vocab logits are never built.
+
+        labels follow HF's convention (-100 = ignored, the shift happens here). Returns a dict with
+        `loss_sum` (summed CE over answer tokens), `num_tokens`, `num_correct` and `gate_values`.
+        """
+        hidden, gate_values = self.hidden_states(input_ids, position_ids, gate_values)
+        if labels is None:
+            raise FlashMorphError("MorphableLM.forward needs labels; use .logits() for plain inference")
+        targets = labels[:, 1:]
+        answer = targets != -100  # [B, T-1]
+        picked = hidden[:, :-1][answer]  # [N, hidden]
+        logits = self.lm.get_output_embeddings()(picked).float()  # [N, vocab]
+        answer_targets = targets[answer]
+        loss_sum = nn.functional.cross_entropy(logits, answer_targets, reduction="sum")
+        num_correct = (logits.argmax(-1) == answer_targets).sum()
+        return {
+            "loss_sum": loss_sum,
+            "num_tokens": answer.sum(),
+            "num_correct": num_correct,
+            "gate_values": gate_values,
+        }
+
+    def logits(self, input_ids, position_ids=None, gate_values=None) -> torch.Tensor:
+        """Full logits [B, T, vocab]; for tests and short evaluation only."""
+        hidden, _ = self.hidden_states(input_ids, position_ids, gate_values)
+        return self.lm.get_output_embeddings()(hidden)
+
+
+def morph_model(lm: nn.Module, config: MorphConfig | None = None) -> MorphableLM:
+    """Freeze `lm` and wrap it with gates; every layer becomes a gate-weighted softmax/linear mix."""
+    return MorphableLM(lm, config or MorphConfig())

@@ -1,0 +1,24 @@
+"""Shared fixtures: one builder of tiny models, and one helper that runs a function in N gloo processes."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_lm():
+    """tiny_lm(family="llama", **shape) -> a random fp32 HF causal LM, seeded, in eval mode."""
+    from flashmorph.model.tiny import build_tiny_model, tiny_config
+
+    def build(family: str = "llama", seed: int = 0, **shape):
+        return build_tiny_model(tiny_config(family, **shape), seed=seed)
+
+    return build
