@@ -1,0 +1,201 @@
+"""Self-describing run directories: resolved config, package versions, checkpoints/, tb/ and log.txt.
+
+Call `prepare_run_dir` on rank 0 only (then barrier); call `setup_file_logging` on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import flashmorph
+from flashmorph.checkpoint.atomic import atomic_write_text, list_checkpoints
+from flashmorph.errors import ConfigError, FlashMorphError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+VERSIONS_NAME = "versions.json"
+LOG_NAME = "log.txt"
+CHECKPOINTS_DIR = "checkpoints"
+TB_DIR = "tb"
+
+# key in versions.json -> distribution name on the package index
+_TRACKED_PACKAGES = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "deepspeed": "deepspeed",
+    "fla": "flash-linear-attention",
+    "fla-core": "fla-core",
+    "megatron-core": "megatron-core",
+    "datasets": "datasets",
+    "safetensors": "safetensors",
+    "peft": "peft",
+}
+
+
+def _to_plain(value: Any) -> Any:
+    """Turn dataclasses, paths, enums and tuples into the plain types yaml.safe_dump accepts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _to_plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, enum.Enum):
+        return _to_plain(value.value)
+    return value
+
+
+def _create_writable_dir(run_dir: Path) -> None:
+    fix = "choose another run_dir or fix its permissions"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FlashMorphError(f"run_dir {run_dir} exists and is not a directory; {fix}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlashMorphError(f"cannot create run_dir {run_dir} ({e.strerror or e}); {fix}") from e
+    try:  # permission bits do not tell the whole story (root, read-only mounts, quotas): try a real write
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise FlashMorphError(f"run_dir {run_dir} is not writable ({e.strerror or e}); {fix}") from e
+
+
+def _flashmorph_git_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the flashmorph source checkout, or (None, None) when not run from a git checkout."""
+    source_root = Path(flashmorph.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(source_root), *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+
+    try:
+        # an installed copy inside some other repository (e.g. a venv in a project) must not report that repo
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != source_root:
+            return None, None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
+
+
+def collect_versions() -> dict[str, Any]:
+    """Python, flashmorph (version and git commit) and the versions of the packages a run depends on."""
+    versions: dict[str, Any] = {"python": platform.python_version(), "flashmorph": flashmorph.__version__}
+    commit, dirty = _flashmorph_git_commit()
+    versions["flashmorph_git_commit"] = commit
+    versions["flashmorph_git_dirty"] = dirty
+    for key, dist in _TRACKED_PACKAGES.items():
+        try:
+            versions[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[key] = "not installed"
+    torch = sys.modules.get("torch")  # only if already imported: recording versions must not import torch
+    if torch is not None:
+        versions["torch_cuda"] = getattr(torch.version, "cuda", None)
+    return versions
+
+
+def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, resume: bool) -> Path:
+    """Create the run dir with checkpoints/ and tb/, write config.yaml and versions.json; return its path.
+
+    Refuses (`FlashMorphError`) a run dir that already holds checkpoints unless `resume` is set, so a new
+    run never mixes its checkpoints with an old one's. Rank 0 only.
+    """
+    run_dir = Path(path).expanduser().absolute()
+    _create_writable_dir(run_dir)
+    has_checkpoints = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))
+    if has_checkpoints and not resume:
+        raise FlashMorphError(
+            f"run_dir {run_dir} already holds checkpoints; pass --resume to continue or choose a new run_dir"
+        )
+    if resume and not has_checkpoints:
+        logger.info("resume requested but %s holds no checkpoint; starting from scratch", run_dir)
+
+    try:
+        config_text = yaml.safe_dump(_to_plain(config_dict), sort_keys=False, default_flow_style=False)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"resolved config cannot be written as YAML ({e}); config values must be plain data") from e
+    config_path = run_dir / CONFIG_NAME
+    if resume and config_path.is_file():
+        _warn_config_changes(config_path, yaml.safe_load(config_text))
+
+    (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
+    (run_dir / TB_DIR).mkdir(exist_ok=True)
+    atomic_write_text(config_path, config_text)
+    atomic_write_text(run_dir / VERSIONS_NAME, json.dumps(collect_versions(), indent=2) + "\n")
+    return run_dir
+
+
+def _warn_config_changes(old_path: Path, new_config: Any) -> None:
+    try:
+        old_config = yaml.safe_load(old_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        logger.warning("could not read the previous %s; overwriting it", old_path)
+        return
+    if old_config == new_config:
+        return
+    if isinstance(old_config, dict) and isinstance(new_config, dict):
+        changed = sorted(k for k in old_config.keys() | new_config.keys() if old_config.get(k) != new_config.get(k))
+        logger.warning("resuming with a config that differs from %s in: %s", old_path, ", ".join(changed))
+    else:
+        logger.warning("resuming with a config that differs from %s", old_path)
+
+
+class _FlashMorphHandler:
+    """Marker mixed into the handlers this module installs, so a second setup call replaces them."""
+
+
+class _FileHandler(logging.FileHandler, _FlashMorphHandler):
+    pass
+
+
+class _ConsoleHandler(logging.StreamHandler, _FlashMorphHandler):
+    pass
+
+
+def setup_file_logging(run_dir: str | os.PathLike, rank: int, level: int = logging.INFO) -> Path | None:
+    """Log to the console on every rank (warnings and up off rank 0) and to run_dir/log.txt on rank 0.
+
+    Installs handlers on the root logger so library warnings land in log.txt too; calling it again
+    replaces the handlers it installed before. Returns the log file path on rank 0, else None.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _FlashMorphHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    console = _ConsoleHandler(sys.stderr)
+    console.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+
+    log_path = None
+    if rank == 0:
+        log_path = Path(run_dir) / LOG_NAME
+        file_handler = _FileHandler(log_path, mode="a", encoding="utf-8")
+        file_handler.setLevel(level)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file_handler)
+    if root.level == logging.NOTSET or root.level > level:
+        root.setLevel(level)
+    return log_path
