@@ -1,0 +1,106 @@
+"""Process-group setup and the few collectives stages need; the only place that talks to ranks."""
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group the launcher set up (deepspeed, torchrun, srun), or make a 1-process one.
+
+    A plain `python launcher/x.py` gets a world of one, so the DeepSpeed engine and every code path
+    are the same as under `deepspeed --num_gpus N`.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def destroy_distributed() -> None:
+    """Tear the group down; without it gloo processes sometimes abort at exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session():
+    """`with distributed_session() as info:` — init, then always destroy, even on errors."""
+    try:
+        yield init_distributed()
+    finally:
+        destroy_distributed()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks, in place and returned; a no-op in a world of one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def run_on_main(fn, info: DistInfo):
+    """Run `fn()` on rank 0 only, then barrier. A FlashMorphError there is raised on every rank, so a bad
+    run directory or a failed teacher stops the whole job instead of leaving the other ranks at a barrier."""
+    from flashmorph.errors import FlashMorphError
+
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except FlashMorphError as err:
+            error = str(err)
+    error = broadcast_object(error)
+    if error is not None:
+        raise FlashMorphError(error)
+    return result

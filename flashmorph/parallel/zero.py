@@ -1,0 +1,114 @@
+"""DeepSpeed ZeRO: config generation from a recipe, engine construction, gathering and checkpoints."""
+
+import json
+import logging
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_ds_config(
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    dtype: str,
+    zero_stage: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    override_file: str | None = None,
+) -> dict:
+    """The DeepSpeed JSON for a trainable-only optimizer group; `override_file` keys win."""
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        # torch's AdamW: a fused CUDA Adam buys nothing for a few scalars and its JIT build is fragile
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True}},
+        "zero_optimization": {
+            "stage": zero_stage,
+            # frozen weights are gathered layer by layer; keep nothing persistent beyond tiny tensors
+            "stage3_param_persistence_threshold": 0,
+            "stage3_prefetch_bucket_size": 5e7,
+        },
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 10**9,  # our own logger reports progress
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip > 0:
+        config["gradient_clipping"] = grad_clip
+    if override_file:
+        _deep_update(config, json.loads(Path(override_file).read_text()))
+    return config
+
+
+@contextmanager
+def zero3_model_init(ds_config: dict):
+    """While open, transformers' from_pretrained/from_config partition weights at creation (zero.Init),
+    so no rank ever holds the whole model; a no-op below stage 3."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+def initialize_engine(model: nn.Module, trainable: list[nn.Parameter], ds_config: dict):
+    """The DeepSpeed engine over `model`, optimizing only `trainable` (one param group)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[{"params": trainable}], config=ds_config)
+    return engine
+
+
+def gathered(params, modifier_rank=None):
+    """Context in which ZeRO-3-partitioned `params` hold their full values (a no-op otherwise)."""
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return nullcontext()
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of `module`'s parameters, gathered if ZeRO-3 partitioned them."""
+    with gathered(module.parameters()):
+        return {name: p.detach().float().cpu().clone() for name, p in module.named_parameters()}
+
+
+def save_engine_checkpoint(engine, directory: Path, client_state: dict) -> None:
+    """Every rank writes its shard of the trainable state (frozen weights are excluded: they never change)."""
+    engine.save_checkpoint(str(directory), tag="state", client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+
+
+def load_engine_checkpoint(engine, directory: Path) -> dict:
+    """Restore trainable weights, optimizer and scheduler state; returns the client state."""
+    _, client_state = engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    return client_state
