@@ -1,0 +1,271 @@
+"""Recipe dataclasses, YAML loading with --override a.b=c, and validation before any model is built."""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flashmorph.data.config import DataConfig
+from flashmorph.errors import ConfigError
+from flashmorph.model.config import MorphConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+REGULARIZERS = ("mean", "budget")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # HF model directory; null = build and train the embedded tiny teacher
+    dtype: str = "bfloat16"  # weights/activations dtype: float32, bfloat16 or float16
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (needed at long context)
+
+
+@dataclass
+class TeacherConfig:
+    family: str = "llama"  # transformers model type of the embedded teacher (llama, qwen2, qwen3, mistral)
+    num_layers: int = 4  # decoder layers
+    hidden_size: int = 64  # model width
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA when < num_heads)
+    vocab_size: int = 64  # synthetic token space size
+    curriculum: list[int] = field(default_factory=lambda: [2, 4, 6, 8])  # mqar pairs per curriculum stage
+    steps_per_stage: int = 250  # optimizer steps per curriculum stage
+    batch_size: int = 64  # samples per step
+    lr: float = 1e-3  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear warm-up steps
+    eval_samples: int = 512  # held-out samples for the reported accuracy
+    seed: int = 0  # init and data seed
+
+
+@dataclass
+class SearchConfig:
+    steps: int = 300  # optimizer steps of gate search
+    lr: float = 0.05  # AdamW learning rate of the gate logits
+    weight_decay: float = 0.0  # AdamW weight decay of the gate logits
+    micro_batch_size: int = 8  # samples per rank per micro step
+    grad_accum_steps: int = 1  # micro steps per optimizer step
+    budget: int | float = 0.5  # full-attention layers to keep: a count (int) or a fraction of layers (float)
+    regularizer: str = "mean"  # "mean": lambda * mean gate; "budget": lambda * relu(mean gate - budget fraction)
+    reg_weight: float = 0.5  # lambda, the regularizer's weight at full strength
+    reg_warmup_steps: int = 0  # lambda ramps linearly from 0 over these steps (0 = constant)
+    grad_clip: float = 0.0  # gradient clipping norm (0 = off)
+    log_every: int = 1  # steps between tensorboard/console logs
+    save_every: int = 100  # steps between checkpoints (0 = only the final one)
+    keep_last: int = 2  # complete checkpoints kept on disk (0 = keep all)
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 3  # DeepSpeed ZeRO stage (3 partitions the frozen weights over data-parallel ranks)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON whose keys override the generated config
+    sequence_parallel: int = 1  # Ulysses degree (must divide heads and seq_len)
+    tensor_parallel: int = 1  # megatron-core TP degree (must divide heads)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/gate_search"  # every output of the run goes here
+    seed: int = 0  # global seed (gate init is deterministic; data has its own seed)
+
+
+@dataclass
+class GateSearchRecipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    morph: MorphConfig = field(default_factory=MorphConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp` (dataclasses recursively); ints widen to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}={value!r} must be one of: {' | '.join(_type_name(o) for o in options)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r} must be an int")
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}={value!r} must be {_type_name(tp)}")
+
+
+def _from_dict(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown field {prefix}{unknown[0]}; valid fields: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', yaml-parsed c), so numbers, booleans, null and lists work as in YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), cls=GateSearchRecipe):
+    """Build the recipe from defaults, then the YAML file, then the overrides, in that order."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path} does not exist; pass a recipe from recipes/")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return _from_dict(cls, tree)
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def model_shape(recipe: GateSearchRecipe) -> dict[str, int]:
+    """Layer and head counts read from config.json (or the teacher section), without building a model."""
+    if recipe.model.path is None:
+        t = recipe.teacher
+        return {"num_layers": t.num_layers, "num_heads": t.num_heads, "num_kv_heads": t.num_kv_heads,
+                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size}
+    config_file = Path(recipe.model.path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.path={recipe.model.path} holds no config.json; point it at a HF model directory")
+    cfg = json.loads(config_file.read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    return {"num_layers": cfg["num_hidden_layers"], "num_heads": heads,
+            "num_kv_heads": cfg.get("num_key_value_heads") or heads,
+            "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"]}
+
+
+def num_full_layers(budget: int | float, num_layers: int) -> int:
+    """The budget as a layer count: ints are counts, floats are fractions of the layers (rounded)."""
+    if isinstance(budget, float):
+        return round(budget * num_layers)
+    return budget
+
+
+def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
+    """Raise ConfigError on the first problem; returns the model shape it read. Builds nothing."""
+    run, model, search, parallel = recipe.run, recipe.model, recipe.search, recipe.parallel
+    if not run.run_dir:
+        raise ConfigError("run.run_dir is empty; set it to the directory for this run's outputs")
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype!r} is unknown; use one of {DTYPES}")
+    if model.path is not None and not Path(model.path).is_dir():
+        raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory or null for the embedded teacher")
+    recipe.morph.validate()
+    shape = model_shape(recipe)
+    layers = shape["num_layers"]
+    if isinstance(search.budget, float) and not 0.0 <= search.budget <= 1.0:
+        raise ConfigError(f"search.budget={search.budget} as a fraction must lie in [0, 1]; or give a layer count (int)")
+    k = num_full_layers(search.budget, layers)
+    if k > layers:
+        raise ConfigError(f"search.budget={search.budget} is larger than the model's {layers} layers; lower it to <= {layers}")
+    if k < 0:
+        raise ConfigError(f"search.budget={search.budget} must be >= 0")
+    if search.regularizer not in REGULARIZERS:
+        raise ConfigError(f"search.regularizer={search.regularizer!r} is unknown; use one of {REGULARIZERS}")
+    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        if getattr(search, name) < 1:
+            raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 1")
+    for name in ("save_every", "reg_warmup_steps", "keep_last"):
+        if getattr(search, name) < 0:
+            raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0")
+    if search.lr <= 0:
+        raise ConfigError(f"search.lr={search.lr} must be > 0")
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3")
+    if parallel.deepspeed_config is not None and not Path(parallel.deepspeed_config).is_file():
+        raise ConfigError(f"parallel.deepspeed_config={parallel.deepspeed_config} does not exist; give a DeepSpeed JSON file or null")
+    sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
+    if sp < 1 or tp < 1:
+        raise ConfigError("parallel.sequence_parallel and parallel.tensor_parallel must be >= 1")
+    if shape["num_heads"] % (sp * tp):
+        raise ConfigError(
+            f"parallel.sequence_parallel={sp} x tensor_parallel={tp} does not divide the model's {shape['num_heads']} heads; "
+            "choose degrees whose product divides the head count")
+    if recipe.data.seq_len % sp:
+        raise ConfigError(f"parallel.sequence_parallel={sp} does not divide data.seq_len={recipe.data.seq_len}; make seq_len a multiple of it")
+    if model.path is None:
+        validate_teacher(recipe.teacher)
+    recipe.data.validate(vocab_size=shape["vocab_size"] if model.path is None else None)
+    return shape
+
+
+def validate_teacher(teacher: TeacherConfig) -> None:
+    from flashmorph.model.tiny import FAMILIES
+
+    if teacher.family not in FAMILIES:
+        raise ConfigError(f"teacher.family={teacher.family!r} is unknown; use one of {FAMILIES}")
+    if teacher.hidden_size % teacher.num_heads or teacher.num_heads % teacher.num_kv_heads:
+        raise ConfigError("teacher.hidden_size must be divisible by teacher.num_heads, and num_heads by num_kv_heads")
+    if not teacher.curriculum or min(teacher.curriculum) < 1:
+        raise ConfigError("teacher.curriculum must list pair counts >= 1, e.g. [2, 4, 6, 8]")
+    if teacher.steps_per_stage < 1 or teacher.batch_size < 1:
+        raise ConfigError("teacher.steps_per_stage and teacher.batch_size must be >= 1")

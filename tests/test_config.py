@@ -1,0 +1,79 @@
+"""Recipes: YAML + overrides load into dataclasses; each bad config is one clear line, and nothing is written."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from flashmorph.config import GateSearchRecipe, load_recipe, validate_recipe
+from flashmorph.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("gate_search_launcher", ROOT / "launcher" / "gate_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_file_then_overrides(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("search:\n  steps: 7\n  lr: 1\ndata:\n  tasks: {mqar: 2, niah_single: 1}\n")
+    recipe = load_recipe(recipe_file, ["search.steps=9", "model.path=null", "teacher.curriculum=[2, 4]"])
+    assert isinstance(recipe, GateSearchRecipe)
+    assert recipe.search.steps == 9 and recipe.search.lr == 1.0 and isinstance(recipe.search.lr, float)
+    assert recipe.data.tasks == {"mqar": 2.0, "niah_single": 1.0}
+    assert recipe.teacher.curriculum == [2, 4]
+    assert recipe.search.budget == 0.5  # default kept
+
+
+def test_every_shipped_recipe_loads():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        load_recipe(path)
+
+
+BAD_CASES = [
+    (["search.budget=9"], "search.budget"),
+    (["search.budget=1.5"], "search.budget"),
+    (["data.tasks={needle_in_space: 1.0}"], "data.tasks"),
+    (["model.path=/nonexistent/model"], "model.path"),
+    (["parallel.sequence_parallel=3"], "parallel.sequence_parallel"),
+    (["parallel.sequence_parallel=4", "data.seq_len=50"], "data.seq_len"),
+    (["parallel.tensor_parallel=8"], "tensor_parallel"),
+    (["search.stepz=3"], "search.stepz"),
+    (["search.steps=many"], "search.steps"),
+    (["search.regularizer=l1"], "search.regularizer"),
+    (["morph.gate_init=1.0"], "morph.gate_init"),
+    (["morph.linear_backend=cuda"], "morph.linear_backend"),
+    (["model.dtype=fp8"], "model.dtype"),
+    (["data.seq_len=10"], "data.seq_len"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_CASES)
+def test_bad_config_is_one_line_naming_the_field_and_writes_nothing(tmp_path, capsys, overrides, field):
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(ROOT / "recipes" / "embedded.yaml"), "--override", f"run.run_dir={run_dir}"]
+    for item in overrides:
+        argv += ["--override", item]
+    code = _launcher().main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and field in err[0], err
+    assert not run_dir.exists()
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    assert _launcher().main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_budget_counts_and_fractions():
+    recipe = load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=0.25"])
+    validate_recipe(recipe)
+    recipe = load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=4"])
+    validate_recipe(recipe)
+    with pytest.raises(ConfigError, match="larger than the model's 4 layers"):
+        validate_recipe(load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=5"]))
