@@ -1,0 +1,221 @@
+"""Gate search: freeze every weight, train only the gates on synthetic retrieval data under ZeRO-3."""
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flashmorph.checkpoint import atomic
+from flashmorph.config import GateSearchRecipe, num_full_layers, validate_recipe
+from flashmorph.data import RetrievalDataset
+from flashmorph.data.from_model import data_for_model
+from flashmorph.model.load import load_causal_lm
+from flashmorph.model.morph import MorphableLM
+from flashmorph.parallel import distributed, zero
+from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.stages.teacher import train_teacher
+from flashmorph.telemetry import MetricsWriter
+
+log = logging.getLogger(__name__)
+GATES_FILE = "gates.safetensors"
+
+
+@dataclass
+class GateSearchResult:
+    run_dir: Path
+    gate_values: torch.Tensor  # [layers] or [layers, heads], in (0, 1)
+    layer_scores: torch.Tensor  # [layers]: the gate, or its mean over heads
+    kept_layers: list[int]  # the top-k layers for the recipe's budget, ascending
+    final_accuracy: float  # retrieval accuracy of the last step, all ranks
+    teacher_report: dict | None  # the embedded teacher's report, when there is one
+
+
+def regularizer(gate_values: torch.Tensor, kind: str, budget_fraction: float) -> torch.Tensor:
+    """Linearization pressure: the mean gate, or only its excess over the budget fraction."""
+    mean_gate = gate_values.mean()
+    if kind == "mean":
+        return mean_gate
+    return torch.relu(mean_gate - budget_fraction)
+
+
+def reg_lambda(step: int, weight: float, warmup_steps: int) -> float:
+    if warmup_steps == 0:
+        return weight
+    return weight * min(1.0, (step + 1) / warmup_steps)
+
+
+def top_k_layers(layer_scores: torch.Tensor, k: int) -> list[int]:
+    """The k highest-scoring layers, ascending; ties go to the lower index (stable sort)."""
+    order = torch.sort(layer_scores, descending=True, stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def _sample_indices(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> range:
+    """The samples a rank sees in one micro step: step s covers samples [s*G, (s+1)*G) whatever the world
+    size, so 1 process and N processes train on the same data."""
+    global_batch = micro_batch * accum * world
+    start = step * global_batch + (micro * world + rank) * micro_batch
+    return range(start, start + micro_batch)
+
+
+def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info) -> tuple[Path, dict | None]:
+    if recipe.model.path is not None:
+        return Path(recipe.model.path), None
+    teacher_dir = run_dir / "teacher"
+    distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir), info)
+    return teacher_dir, json.loads((teacher_dir / "teacher_report.json").read_text())
+
+
+def _save_checkpoint(engine, root: Path, step: int, accuracy: float, keep_last: int, info) -> None:
+    if info.is_main:
+        atomic.prepare_staging(root, step)
+    distributed.barrier()
+    zero.save_engine_checkpoint(engine, atomic.staging_dir(root, step), {"step": step, "accuracy": accuracy})
+    distributed.barrier()
+    if info.is_main:
+        atomic.finalize(root, step, {"step": step, "world_size": info.world_size})
+        if keep_last:
+            atomic.prune(root, keep_last)
+    distributed.barrier()
+
+
+def _resume(engine, root: Path, info) -> tuple[int, float]:
+    """(first step to run, accuracy of the last step done) from the latest complete checkpoint."""
+    latest = atomic.latest_complete(root) if info.is_main else None
+    latest = distributed.broadcast_object(str(latest) if latest else None)
+    if latest is None:
+        log.info("no complete checkpoint in %s: starting from step 0", root)
+        return 0, float("nan")
+    atomic.verify(Path(latest), deep=info.is_main)
+    state = zero.load_engine_checkpoint(engine, Path(latest))
+    log.info("resumed from %s (step %d)", latest, state["step"])
+    return state["step"], state["accuracy"]
+
+
+def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume: bool = False,
+                    show_progress: bool = True) -> GateSearchResult:
+    """Train the gates of a morphed model; writes gates.safetensors and summary.json into run.run_dir."""
+    shape = validate_recipe(recipe)
+    search = recipe.search
+    run_dir = Path(recipe.run.run_dir)
+    distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
+    setup_file_logging(run_dir, info.rank)
+    model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info)
+    space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
+    dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
+
+    ds_config = zero.build_ds_config(
+        micro_batch_size=search.micro_batch_size, grad_accum_steps=search.grad_accum_steps,
+        world_size=info.world_size, dtype=recipe.model.dtype, zero_stage=recipe.parallel.zero_stage,
+        lr=search.lr, weight_decay=search.weight_decay, grad_clip=search.grad_clip,
+        override_file=recipe.parallel.deepspeed_config)
+    with zero.zero3_model_init(ds_config):
+        lm = load_causal_lm(model_dir, recipe.model.dtype)
+    if recipe.model.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(recipe.run.seed)
+    model = MorphableLM(lm, recipe.morph)
+    engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
+    engine.train()
+
+    root = run_dir / "checkpoints"
+    start_step, accuracy = _resume(engine, root, info) if resume else (0, float("nan"))
+
+    num_layers = shape["num_layers"]
+    k = num_full_layers(search.budget, num_layers)
+    budget_fraction = k / num_layers
+    accum, world = search.grad_accum_steps, info.world_size
+    writer = MetricsWriter(run_dir / "tb", enabled=info.is_main)
+    bar = tqdm(total=search.steps, initial=start_step, desc="gate search", disable=not (info.is_main and show_progress))
+    for step in range(start_step, search.steps):
+        started = time.perf_counter()
+        batches = [dataset.batch(_sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
+                   for m in range(accum)]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_tokens = distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=info.device)).item()
+        # DeepSpeed divides each micro loss by accum and averages over ranks; this scale turns the
+        # per-rank sums back into the mean over the whole step's answer tokens, for any world size
+        ce_scale = accum * world / max(step_tokens, 1.0)
+        lam = reg_lambda(step, search.reg_weight, search.reg_warmup_steps)
+        totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # ce_sum, tokens, correct, reg
+        for batch in batches:
+            out = engine(batch["input_ids"].to(info.device), labels=batch["labels"].to(info.device))
+            reg = regularizer(out["gate_values"], search.regularizer, budget_fraction)
+            engine.backward(out["loss_sum"] * ce_scale + lam * reg)
+            engine.step()
+            totals += torch.stack([out["loss_sum"].detach().double(), out["num_tokens"].double(),
+                                   out["num_correct"].double(), reg.detach().double() / accum])
+        gate_values = out["gate_values"].detach().float().cpu()
+        distributed.all_reduce_sum(totals)
+        ce = (totals[0] / totals[1]).item()
+        accuracy = (totals[2] / totals[1]).item()
+        reg_value = totals[3].item() / world
+        elapsed = time.perf_counter() - started
+        seq_tokens = sum(b["input_ids"].numel() for b in batches) * world
+        if (step + 1) % search.log_every == 0 or step + 1 == search.steps:
+            writer.scalars(step + 1, {
+                "loss/total": ce + lam * reg_value, "loss/retrieval": ce, "loss/regularizer": reg_value,
+                "reg/lambda": lam, "acc/retrieval": accuracy, "perf/tokens_per_s": seq_tokens / elapsed,
+                "perf/step_time_s": elapsed,
+            })
+            writer.gates(step + 1, gate_values)
+        bar.update(1)
+        bar.set_postfix(ce=f"{ce:.3f}", acc=f"{accuracy:.2f}", gates=" ".join(f"{v:.2f}" for v in
+                                                                            model.gates.layer_scores(gate_values)))
+        if search.save_every and (step + 1) % search.save_every == 0 and step + 1 < search.steps:
+            _save_checkpoint(engine, root, step + 1, accuracy, search.keep_last, info)
+    bar.close()
+    if start_step < search.steps:
+        _save_checkpoint(engine, root, search.steps, accuracy, search.keep_last, info)
+    writer.close()
+
+    logits = zero.full_state(model.gates)["gate_logits"]
+    gate_values = torch.sigmoid(logits)
+    layer_scores = model.gates.layer_scores(gate_values)
+    kept = top_k_layers(layer_scores, k)
+    result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report)
+    if info.is_main:
+        _write_outputs(result, recipe, k, model_dir)
+    distributed.barrier()
+    return result
+
+
+def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, model_dir: Path) -> None:
+    metadata = {"granularity": recipe.morph.gate_granularity, "num_layers": str(len(result.layer_scores)),
+                "steps": str(recipe.search.steps), "model": str(model_dir)}
+    atomic.atomic_save_safetensors({"gate_values": result.gate_values.contiguous(),
+                                    "layer_scores": result.layer_scores.contiguous()},
+                                   result.run_dir / GATES_FILE, metadata=metadata)
+    ranking = torch.sort(result.layer_scores, descending=True, stable=True).indices.tolist()
+    summary = {
+        "layer_scores": [round(v, 4) for v in result.layer_scores.tolist()],
+        "ranking": ranking,
+        "budget": recipe.search.budget,
+        "num_full_layers": k,
+        "kept_layers": result.kept_layers,
+        "final_retrieval_accuracy": result.final_accuracy,
+        "teacher": result.teacher_report,
+    }
+    atomic.atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2))
+    print(format_summary(summary), flush=True)
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "gate search summary", "-------------------"]
+    teacher = summary.get("teacher")
+    if teacher:
+        lines.append(f"teacher recall: {100 * teacher['recall_accuracy']:.1f}% on {teacher['num_pairs']} pairs "
+                     f"(chance {100 * teacher['chance_accuracy']:.1f}%)")
+    lines.append(f"retrieval accuracy at the last step: {100 * summary['final_retrieval_accuracy']:.1f}%")
+    lines.append("gates, highest first (1 = softmax, 0 = linear):")
+    scores = summary["layer_scores"]
+    for rank, layer in enumerate(summary["ranking"]):
+        marker = "  <- kept as full attention" if layer in summary["kept_layers"] else ""
+        lines.append(f"  {rank + 1:>3}. layer {layer:>3}: {scores[layer]:.4f}{marker}")
+    lines.append(f"budget {summary['budget']} -> {summary['num_full_layers']} full-attention layers: "
+                 f"{summary['kept_layers']}")
+    return "\n".join(lines)
