@@ -29,12 +29,13 @@ class ModelConfig:
 class TeacherConfig:
     family: str = "llama"  # transformers model type of the embedded teacher (llama, qwen2, qwen3, mistral)
     num_layers: int = 4  # decoder layers
-    hidden_size: int = 64  # model width
+    hidden_size: int = 128  # model width (at 64 the 4-layer model rarely leaves the shortcut; see teacher.py)
     num_heads: int = 4  # query heads
     num_kv_heads: int = 2  # key/value heads (GQA when < num_heads)
     vocab_size: int = 64  # synthetic token space size
-    curriculum: list[int] = field(default_factory=lambda: [2, 4, 6, 8])  # mqar pairs per curriculum stage
-    steps_per_stage: int = 250  # optimizer steps per curriculum stage
+    curriculum: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])  # mqar pairs per curriculum stage
+    advance_accuracy: float = 0.9  # a stage ends once the running train recall reaches this ...
+    max_steps_per_stage: int = 1000  # ... or after this many optimizer steps
     batch_size: int = 64  # samples per step
     lr: float = 1e-3  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up steps
@@ -267,5 +268,7 @@ def validate_teacher(teacher: TeacherConfig) -> None:
         raise ConfigError("teacher.hidden_size must be divisible by teacher.num_heads, and num_heads by num_kv_heads")
     if not teacher.curriculum or min(teacher.curriculum) < 1:
         raise ConfigError("teacher.curriculum must list pair counts >= 1, e.g. [2, 4, 6, 8]")
-    if teacher.steps_per_stage < 1 or teacher.batch_size < 1:
-        raise ConfigError("teacher.steps_per_stage and teacher.batch_size must be >= 1")
+    if teacher.max_steps_per_stage < 1 or teacher.batch_size < 1:
+        raise ConfigError("teacher.max_steps_per_stage and teacher.batch_size must be >= 1")
+    if not 0.0 < teacher.advance_accuracy <= 1.0:
+        raise ConfigError(f"teacher.advance_accuracy={teacher.advance_accuracy} must be in (0, 1]; e.g. 0.9")

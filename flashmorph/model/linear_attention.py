@@ -95,7 +95,7 @@ def gla_chunked(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked GLA, same contract as `gla_recurrent_reference`; O(T*C*D + T*D*Dv) work.
 
@@ -105,7 +105,9 @@ def gla_chunked(
     dtype = _compute_dtype(q, k, v, log_decay, initial_state)
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    chunk = chunk_size
+    # the intra-chunk decay tensor is [C, C, D] per chunk, so small chunks keep it cheap (fla's kernels
+    # sub-chunk by 16 for the same reason); a short sequence is one chunk of its own length, unpadded
+    chunk = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk)
     pad = num_chunks * chunk - seq_len
 

@@ -62,11 +62,12 @@ def _sample_indices(step: int, micro: int, rank: int, world: int, micro_batch: i
     return range(start, start + micro_batch)
 
 
-def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info) -> tuple[Path, dict | None]:
+def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info,
+                       show_progress: bool) -> tuple[Path, dict | None]:
     if recipe.model.path is not None:
         return Path(recipe.model.path), None
     teacher_dir = run_dir / "teacher"
-    distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir), info)
+    distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir, show_progress), info)
     return teacher_dir, json.loads((teacher_dir / "teacher_report.json").read_text())
 
 
@@ -104,7 +105,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     run_dir = Path(recipe.run.run_dir)
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
     setup_file_logging(run_dir, info.rank)
-    model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info)
+    model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info, show_progress)
     space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
     dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
@@ -187,8 +188,9 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
 def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, model_dir: Path) -> None:
     metadata = {"granularity": recipe.morph.gate_granularity, "num_layers": str(len(result.layer_scores)),
                 "steps": str(recipe.search.steps), "model": str(model_dir)}
-    atomic.atomic_save_safetensors({"gate_values": result.gate_values.contiguous(),
-                                    "layer_scores": result.layer_scores.contiguous()},
+    # clone: for per-layer gates both tensors view the same storage, which safetensors refuses to write
+    atomic.atomic_save_safetensors({"gate_values": result.gate_values.detach().clone().contiguous(),
+                                    "layer_scores": result.layer_scores.detach().clone().contiguous()},
                                    result.run_dir / GATES_FILE, metadata=metadata)
     ranking = torch.sort(result.layer_scores, descending=True, stable=True).indices.tolist()
     summary = {
