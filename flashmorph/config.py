@@ -253,6 +253,10 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
             "choose degrees whose product divides the head count")
     if recipe.data.seq_len % sp:
         raise ConfigError(f"parallel.sequence_parallel={sp} does not divide data.seq_len={recipe.data.seq_len}; make seq_len a multiple of it")
+    if sp > 1 or tp > 1:  # checked after the divisibility rules so a user learns every problem of the value
+        raise ConfigError(f"parallel.sequence_parallel={sp}, tensor_parallel={tp}: gate search runs data-parallel "
+                          "under ZeRO-3 only for now; set both to 1 (sequence/tensor parallelism arrive with "
+                          "distillation)")
     if model.path is None:
         validate_teacher(recipe.teacher)
     recipe.data.validate(vocab_size=shape["vocab_size"] if model.path is None else None)

@@ -42,6 +42,7 @@ BAD_CASES = [
     (["parallel.sequence_parallel=3"], "parallel.sequence_parallel"),
     (["parallel.sequence_parallel=4", "data.seq_len=50"], "data.seq_len"),
     (["parallel.tensor_parallel=8"], "tensor_parallel"),
+    (["parallel.sequence_parallel=2"], "data-parallel under ZeRO-3 only"),
     (["search.stepz=3"], "search.stepz"),
     (["search.steps=many"], "search.steps"),
     (["search.regularizer=l1"], "search.regularizer"),

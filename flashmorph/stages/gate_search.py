@@ -22,6 +22,7 @@ from flashmorph.telemetry import MetricsWriter
 
 log = logging.getLogger(__name__)
 GATES_FILE = "gates.safetensors"
+WEAK_TEACHER_RECALL = 0.5
 
 
 @dataclass
@@ -212,6 +213,9 @@ def format_summary(summary: dict) -> str:
     if teacher:
         lines.append(f"teacher recall: {100 * teacher['recall_accuracy']:.1f}% on {teacher['num_pairs']} pairs "
                      f"(chance {100 * teacher['chance_accuracy']:.1f}%)")
+        if teacher["recall_accuracy"] < WEAK_TEACHER_RECALL:
+            lines.append("warning: the teacher barely retrieves, so the gates have little to defend; "
+                         "rerun with --override teacher.seed=1 (and a fresh run.run_dir)")
     lines.append(f"retrieval accuracy at the last step: {100 * summary['final_retrieval_accuracy']:.1f}%")
     lines.append("gates, highest first (1 = softmax, 0 = linear):")
     scores = summary["layer_scores"]
