@@ -1,0 +1,67 @@
+"""From gates (or a baseline heuristic) to a hybrid layout: which layers keep softmax attention, and how sure."""
+
+from flashmorph.selection.baselines import (
+    KL_POSITIONS,
+    PERIODIC_VARIANTS,
+    SELECTION_SPLIT,
+    heldout_batches,
+    kl_layout,
+    leave_one_out_layout,
+    linearization_scores,
+    nll_layout,
+    periodic_indices,
+    periodic_layout,
+    random_layout,
+)
+from flashmorph.selection.discretize import (
+    GateFile,
+    discretize_heads_threshold,
+    discretize_heads_top_k,
+    discretize_threshold,
+    discretize_top_k,
+    load_gate_file,
+    resolve_budget,
+    threshold_indices,
+    top_k_indices,
+)
+from flashmorph.selection.layout import LAYER_TYPES, HybridLayout, SelectionCost, layout_from_full_layers
+from flashmorph.selection.sensitivity import (
+    cut_margin,
+    format_report,
+    jaccard,
+    plot_gates,
+    sensitivity_report,
+    write_report,
+)
+
+__all__ = [
+    "KL_POSITIONS",
+    "LAYER_TYPES",
+    "PERIODIC_VARIANTS",
+    "SELECTION_SPLIT",
+    "GateFile",
+    "HybridLayout",
+    "SelectionCost",
+    "cut_margin",
+    "discretize_heads_threshold",
+    "discretize_heads_top_k",
+    "discretize_threshold",
+    "discretize_top_k",
+    "format_report",
+    "heldout_batches",
+    "jaccard",
+    "kl_layout",
+    "layout_from_full_layers",
+    "leave_one_out_layout",
+    "linearization_scores",
+    "load_gate_file",
+    "nll_layout",
+    "periodic_indices",
+    "periodic_layout",
+    "random_layout",
+    "resolve_budget",
+    "sensitivity_report",
+    "threshold_indices",
+    "top_k_indices",
+    "write_report",
+]
