@@ -1,6 +1,7 @@
-"""Gated linear attention (GLA) for the linear branch: naive torch references, a chunked CPU path,
-fla's `chunk_gla` on CUDA, and the Liger-style feature map and forget gate built from q/k/v alone.
-Layout follows fla: `[batch, seq, heads, dim]`; the recurrent state is `[batch, heads, key_dim, value_dim]`."""
+"""Gated linear attention (GLA) for the linear branch: naive torch references, a chunked CPU path, fla's
+`chunk_gla` (prefill) and `fused_recurrent_gla` (decode) on CUDA, and the Liger-style feature map and forget
+gate built from q/k/v alone. Layout follows fla: `[batch, seq, heads, dim]`; the recurrent state is
+`[batch, heads, key_dim, value_dim]`."""
 
 from __future__ import annotations
 
@@ -163,6 +164,17 @@ def _fla_chunk_gla():
     return chunk_gla
 
 
+@functools.lru_cache(maxsize=1)
+def _fla_fused_recurrent_gla():
+    """fla's fused_recurrent_gla (the decode kernel), or None where fla does not import."""
+    try:
+        from fla.ops.gla import fused_recurrent_gla
+    except Exception as err:  # same as _fla_chunk_gla: any failure means "no fla"
+        logger.warning("fla is unavailable (%s); linear-attention decoding uses the naive torch step", err)
+        return None
+    return fused_recurrent_gla
+
+
 def _resolve_backend(backend: str, on_cuda: bool) -> str:
     """Map a linear_backend setting (auto, naive, fla) to the backend that will run: naive or fla."""
     if backend not in LINEAR_BACKENDS:
@@ -204,6 +216,34 @@ def gated_linear_attention(
         initial_state=initial_state,
         output_final_state=output_final_state,
     )
+
+
+def gated_linear_attention_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    log_decay_t: torch.Tensor,
+    state: torch.Tensor | None,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step with the `gla_step` contract, dispatched to fla `fused_recurrent_gla` or `gla_step`.
+
+    q_t, k_t, log_decay_t [B, 1, H, D], v_t [B, 1, H, Dv], state [B, H, D, Dv] or None.
+    Returns (o_t [B, 1, H, Dv], new_state [B, H, D, Dv] fp32).
+    """
+    if _resolve_backend(backend, q_t.is_cuda) == "naive" or _fla_fused_recurrent_gla() is None:
+        return gla_step(q_t, k_t, v_t, log_decay_t, state, scale)
+    o, new_state = _fla_fused_recurrent_gla()(
+        q_t,
+        k_t,
+        v_t,
+        gk=log_decay_t,
+        scale=scale,
+        initial_state=None if state is None else state.float(),
+        output_final_state=True,
+    )
+    return o, new_state.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,16 +296,46 @@ def liger_linear_attention(
 
     Returns [B, T, H, Dv] in v's dtype, the layout transformers' attention functions return.
     """
+    o, _ = _liger_gla(q_pre, k_pre, v, None, False, num_kv_groups=num_kv_groups, backend=backend,
+                      normalizer=normalizer)
+    return o
+
+
+def liger_linear_attention_with_state(
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None,
+    *,
+    num_kv_groups: int,
+    backend: str = "auto",
+    normalizer: float = 16.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`liger_linear_attention` that starts from a recurrent state and returns the next one, for generation.
+
+    state: [B, H, D, Dv] fp32 or None (an empty cache). A single token (decode) takes one recurrent step
+    (`gla_step`, or fla `fused_recurrent_gla` on CUDA); longer inputs (prefill) take the chunked path.
+    Returns (o [B, T, H, Dv] in v's dtype, new_state [B, H, D, Dv] fp32).
+    """
+    return _liger_gla(q_pre, k_pre, v, state, True, num_kv_groups=num_kv_groups, backend=backend,
+                      normalizer=normalizer)
+
+
+def _liger_gla(q_pre, k_pre, v, state, output_final_state, *, num_kv_groups, backend, normalizer):
     q_feat, k_feat, v_rep, log_decay = liger_gla_inputs(
         q_pre, k_pre, v, num_kv_groups=num_kv_groups, normalizer=normalizer
     )
     backend = _resolve_backend(backend, v.is_cuda)
     if backend == "fla":
         # as Liger does: feature maps in v's dtype (bf16 in training), the log-decay stays fp32;
-        # chunk_gla accumulates in fp32 either way
+        # the kernels accumulate in fp32 either way
         q_feat, k_feat, v_rep = q_feat.to(v.dtype), k_feat.to(v.dtype), v_rep.to(v.dtype)
-    o, _ = gated_linear_attention(q_feat, k_feat, v_rep, log_decay, scale=1.0, backend=backend)
-    return o.to(v.dtype)
+    if output_final_state and q_feat.shape[1] == 1:
+        o, new_state = gated_linear_attention_step(q_feat, k_feat, v_rep, log_decay, state, 1.0, backend)
+    else:
+        o, new_state = gated_linear_attention(q_feat, k_feat, v_rep, log_decay, scale=1.0, initial_state=state,
+                                              output_final_state=output_final_state, backend=backend)
+    return o.to(v.dtype), (None if new_state is None else new_state.float())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Nothing of the model's code is copied: flashmorph registers one attention function ("morph") with
 transformers' attention interface; each attention module carries a small `LayerMorph` record that
-tells the function how to treat that layer. Gate values reach the function as a forward kwarg.
+tells the function how to treat that layer. Gate values reach the function as a forward kwarg, and so
+does a hybrid model's cache (`morph_cache`), whose linear layers hold the recurrent state.
 """
 
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from flashmorph.errors import FlashMorphError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.gates import MorphGates
-from flashmorph.model.linear_attention import liger_linear_attention
+from flashmorph.model.hybrid_cache import RecurrentStateLayer, recurrent_layer
+from flashmorph.model.linear_attention import liger_linear_attention, liger_linear_attention_with_state
 from flashmorph.model.rope import undo_rope
 
 # Never put "flash" in this name: transformers would treat it as a flash-attention request.
@@ -37,26 +39,31 @@ class LayerMorph:
     rotary: nn.Module  # the model's rotary embedding, used to undo RoPE (holds buffers only)
 
 
-def _linear_branch(module: nn.Module, spec: LayerMorph, query, key, value, position_ids):
-    # query: [B, H, T, D]; key/value: [B, Hkv, T, D], as transformers hands them over (RoPE applied)
+def _linear_branch(module: nn.Module, spec: LayerMorph, query, key, value, position_ids,
+                   state_layer: RecurrentStateLayer | None = None):
+    # query: [B, H, T, D]; key/value: [B, Hkv, T, D], as transformers hands them over (RoPE applied).
+    # state_layer: the layer's slot in a hybrid cache (generation), or None (a full-sequence forward).
     if key.shape[2] != query.shape[2]:
         raise FlashMorphError(
-            "the morph linear branch got a KV cache longer than the query; generate with the hybrid model "
-            "(tools/export.py), not with a morphable model"
+            "the morph linear branch got a KV cache longer than the query; generate with a hybrid model "
+            "(apply_hybrid_layout or load_hybrid), not with a morphable model"
         )
     if spec.config.qk_source == "pre_rope":
         if position_ids is None:
-            position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
+            # the cache has already counted this step's tokens, so they start at num_tokens - T
+            start = state_layer.num_tokens - query.shape[2] if state_layer is not None else 0
+            position_ids = torch.arange(start, start + query.shape[2], device=query.device).unsqueeze(0)
         cos, sin = spec.rotary(value, position_ids)  # [B, T, D]
         query, key = undo_rope(query, cos, sin), undo_rope(key, cos, sin)
-    return liger_linear_attention(
-        query,
-        key,
-        value,
+    settings = dict(
         num_kv_groups=query.shape[1] // key.shape[1],
         backend=spec.config.linear_backend,
         normalizer=spec.config.decay_normalizer,
-    )  # [B, T, H, D]
+    )
+    if state_layer is None:
+        return liger_linear_attention(query, key, value, **settings)  # [B, T, H, D]
+    out, state_layer.state = liger_linear_attention_with_state(query, key, value, state_layer.state, **settings)
+    return out  # [B, T, H, D]; the state [B, H, D, Dv] stays in the cache
 
 
 def morph_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -66,11 +73,16 @@ def morph_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         raise FlashMorphError(f"attention module {type(module).__name__} was not morphed; call morph_model first")
     softmax_fn = _SOFTMAX_FUNCTIONS[spec.config.softmax_impl]
     gate_values = kwargs.pop("morph_gates", None)
+    cache = kwargs.pop("morph_cache", None)
     if spec.mode == "full":
         return softmax_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    linear_out = _linear_branch(module, spec, query, key, value, kwargs.get("position_ids"))
     if spec.mode == "linear":
+        state_layer = recurrent_layer(cache, spec.layer_idx) if cache is not None else None
+        linear_out = _linear_branch(module, spec, query, key, value, kwargs.get("position_ids"), state_layer)
         return linear_out.to(value.dtype), None
+    if cache is not None:
+        raise FlashMorphError("a mixed softmax/linear layer cannot generate with a cache; discretize the gates first")
+    linear_out = _linear_branch(module, spec, query, key, value, kwargs.get("position_ids"))
     if gate_values is None:
         raise FlashMorphError("a morphable model needs gate values: call it through MorphableLM, not the bare HF model")
     softmax_out, _ = softmax_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
