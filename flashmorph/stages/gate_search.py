@@ -17,6 +17,7 @@ from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
 from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import train_teacher
 from flashmorph.telemetry import MetricsWriter
 
@@ -47,12 +48,6 @@ def reg_lambda(step: int, weight: float, warmup_steps: int) -> float:
     if warmup_steps == 0:
         return weight
     return weight * min(1.0, (step + 1) / warmup_steps)
-
-
-def top_k_layers(layer_scores: torch.Tensor, k: int) -> list[int]:
-    """The k highest-scoring layers, ascending; ties go to the lower index (stable sort)."""
-    order = torch.sort(layer_scores, descending=True, stable=True).indices
-    return sorted(order[:k].tolist())
 
 
 def _sample_indices(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> range:
@@ -178,7 +173,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     logits = zero.full_state(model.gates)["gate_logits"]
     gate_values = torch.sigmoid(logits)
     layer_scores = model.gates.layer_scores(gate_values)
-    kept = top_k_layers(layer_scores, k)
+    kept = top_k_indices(layer_scores, k)  # the same rule tools/discretize_gates.py applies
     result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report)
     if info.is_main:
         _write_outputs(result, recipe, k, model_dir)
