@@ -176,12 +176,13 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     kept = top_k_indices(layer_scores, k)  # the same rule tools/discretize_gates.py applies
     result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report)
     if info.is_main:
-        _write_outputs(result, recipe, k, model_dir)
+        _write_outputs(result, recipe, k, model_dir, info.world_size)
     distributed.barrier()
     return result
 
 
-def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, model_dir: Path) -> None:
+def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, model_dir: Path,
+                   world_size: int) -> None:
     metadata = {"granularity": recipe.morph.gate_granularity, "num_layers": str(len(result.layer_scores)),
                 "steps": str(recipe.search.steps), "model": str(model_dir)}
     # clone: for per-layer gates both tensors view the same storage, which safetensors refuses to write
@@ -193,6 +194,8 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "layer_scores": [round(v, 4) for v in result.layer_scores.tolist()],
         "ranking": ranking,
         "budget": recipe.search.budget,
+        "steps": recipe.search.steps,
+        "samples_per_step": recipe.search.micro_batch_size * recipe.search.grad_accum_steps * world_size,
         "num_full_layers": k,
         "kept_layers": result.kept_layers,
         "final_retrieval_accuracy": result.final_accuracy,
