@@ -14,6 +14,7 @@ from flashmorph.checkpoint.atomic import (
     prepare_staging,
     prune,
     read_manifest,
+    seal_directory,
     staging_dir,
     verify,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "prepare_staging",
     "prune",
     "read_manifest",
+    "seal_directory",
     "staging_dir",
     "verify",
 ]

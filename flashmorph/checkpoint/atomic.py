@@ -221,14 +221,26 @@ def finalize(checkpoints_root: str | os.PathLike, step: int, extra_meta: dict[st
     """
     root = Path(checkpoints_root)
     staging = staging_dir(root, step)
-    final = checkpoint_dir(root, step)
     if not staging.is_dir():
         raise CheckpointError(f"staging dir {staging} does not exist; call prepare_staging before writing step {step}")
+    return seal_directory(staging, checkpoint_dir(root, step), extra_meta, step=step)
+
+
+def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_meta: dict[str, Any] | None = None,
+                   *, step: int | None = None) -> Path:
+    """`finalize` for any directory name: hash `staging` into its manifest, then rename it to `final`.
+
+    Used directly by outputs that are not `step_N` checkpoints (e.g. resharded weights); `final` is replaced
+    the same crash-safe way. The manifest's `step` is None there.
+    """
+    staging, final = Path(staging), Path(final)
+    root = final.parent
+    what = f"step {step}" if step is not None else final.name
     meta_json = json.dumps(extra_meta or {})  # fail on unserialisable meta before touching anything
 
     rel_paths = [p for p in _list_files(staging) if p != MANIFEST_NAME]
     if not rel_paths:
-        raise CheckpointError(f"staging dir {staging} is empty; no rank wrote step {step}")
+        raise CheckpointError(f"staging dir {staging} is empty; no rank wrote {what}")
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         results = list(pool.map(lambda rel: _hash_and_fsync(staging / rel), rel_paths))
     manifest = {
@@ -250,7 +262,7 @@ def finalize(checkpoints_root: str | os.PathLike, step: int, extra_meta: dict[st
     if final.exists():
         aside = root / f"{_REPLACED_PREFIX}{final.name}"
         if aside.exists():
-            shutil.rmtree(aside)  # left by a crash during an earlier replace of this same step
+            shutil.rmtree(aside)  # left by a crash during an earlier replace of this same directory
         logger.warning("replacing existing checkpoint %s", final)
         os.rename(final, aside)
         os.rename(staging, final)

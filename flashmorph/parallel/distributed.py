@@ -69,6 +69,21 @@ def distributed_session():
         destroy_distributed()
 
 
+def in_world() -> bool:
+    """True inside a process group, or when a launcher (deepspeed, torchrun, srun) started several ranks."""
+    return dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def joined_world():
+    """The current process group's DistInfo; a group this call had to create is destroyed on exit."""
+    if dist.is_initialized():
+        yield init_distributed()
+    else:
+        with distributed_session() as info:
+            yield info
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -112,3 +112,35 @@ def load_engine_checkpoint(engine, directory: Path) -> dict:
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     return client_state
+
+
+def weights_ds_config(world_size: int, dtype: torch.dtype) -> dict:
+    """ZeRO-3 config for `save_weights_checkpoint`: partitions in the model's dtype, no optimizer section."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "sub_group_size": 10**8},  # DeepSpeed allocates a zeroed fp32 buffer of one sub group
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def save_weights_checkpoint(model: nn.Module, ds_config: dict, directory: Path, tag: str) -> None:
+    """Every rank writes `model`'s weights (built under `zero3_model_init(ds_config)`) as a ZeRO-3 checkpoint of
+    this world's DP size.
+
+    All parameters become trainable under SGD(lr=0, no momentum): SGD keeps no state, so the optimizer files hold
+    only the fp32 master partitions (4 bytes/param), which deepspeed's zero_to_fp32 reads one tensor at a time;
+    lr=0 keeps DeepSpeed's zero-gradient warm-up step from moving any weight.
+    """
+    import deepspeed
+
+    model.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=True)
