@@ -1,6 +1,5 @@
 """tools/evaluate.py end to end on a tiny model directory; bad input is one `error:` line, exit 2, no weights read."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,19 +8,13 @@ from pathlib import Path
 import pytest
 
 from flashmorph.errors import ConfigError
+from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "evaluate.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_tool = _load_tool()
+evaluate_tool = load_tool("evaluate")
 
 
 def test_end_to_end(tmp_path, model_dir, corpus_file, capsys):

@@ -1,22 +1,15 @@
 """tools/reshard.py: bad input answers with one `error: ...` line and exit code 2 before any heavy work."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from reshard_helpers import assert_bit_exact, load_hf_dir, save_tiny
+from helpers.tools import load_tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "reshard.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("reshard_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reshard_tool = _load_tool()
+reshard_tool = load_tool("reshard")
 
 
 def run(argv, capsys):

@@ -15,20 +15,14 @@ import yaml
 from flashmorph.checkpoint.atomic import atomic_save_safetensors
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from flashmorph.selection import HybridLayout
+from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "discretize_gates.py"
 GATES = torch.tensor([0.77, 0.01, 0.80, 0.02])
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("discretize_gates", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-discretize_gates = _load_tool()
+discretize_gates = load_tool("discretize_gates")
 
 
 def _write_gates(run_dir: Path, values: torch.Tensor, budget=None) -> Path:
