@@ -1,7 +1,6 @@
 """Recipe dataclasses, YAML loading with --override a.b=c, and validation before any model is built."""
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import yaml
 from flashmorph.data.config import DataConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
+from flashmorph.model.hf_dir import read_model_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 REGULARIZERS = ("mean", "budget")
@@ -193,10 +193,7 @@ def model_shape(recipe: GateSearchRecipe) -> dict[str, int]:
         t = recipe.teacher
         return {"num_layers": t.num_layers, "num_heads": t.num_heads, "num_kv_heads": t.num_kv_heads,
                 "vocab_size": t.vocab_size, "hidden_size": t.hidden_size}
-    config_file = Path(recipe.model.path) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"model.path={recipe.model.path} holds no config.json; point it at a HF model directory")
-    cfg = json.loads(config_file.read_text())
+    cfg = read_model_config(recipe.model.path, f"model.path={recipe.model.path}")
     cfg = cfg.get("text_config", cfg)
     heads = cfg["num_attention_heads"]
     return {"num_layers": cfg["num_hidden_layers"], "num_heads": heads,

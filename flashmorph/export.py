@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.model.config import MorphConfig
+from flashmorph.model.hf_dir import read_model_config
 from flashmorph.model.hybrid import SECTION_KEY, apply_hybrid_layout, parse_layout, read_hybrid_section, read_layout
-from flashmorph.model.load import SUPPORTED_MODEL_TYPES
+from flashmorph.model.load import SUPPORTED_MODEL_TYPES, TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST_NAME = "manifest.json"
 VERSIONS_NAME = "versions.json"
 # copied verbatim when the source directory has them (all text, JSON or sentencepiece protobuf)
@@ -38,12 +38,12 @@ _REPLACED_PREFIX = ".old-"
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    """None (keep the checkpoint's dtype), a torch dtype, or one of DTYPES' names."""
+    """None (keep the checkpoint's dtype), a torch dtype, or one of TORCH_DTYPES' names."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is unknown; use one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[dtype]
 
 
 def check_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
@@ -167,15 +167,9 @@ def load_hybrid(path: str | os.PathLike, dtype=None, **from_pretrained_kwargs) -
     generates (KV cache for full layers, recurrent state for linear ones). dtype: None (as saved), a torch
     dtype or a name; other keyword arguments go to from_pretrained (e.g. device_map)."""
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FlashMorphError(f"{path} holds no config.json; point load_hybrid at a directory tools/export.py wrote")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FlashMorphError(f"{config_path} is not JSON ({type(err).__name__}); re-export the model") from None
+    raw = read_model_config(path)
     modes, morph_config = read_hybrid_section(raw.get(SECTION_KEY), raw.get("num_hidden_layers"),
-                                              where=str(config_path))
+                                              where=str(path / "config.json"))
     options = {"attn_implementation": "sdpa", "local_files_only": True, "use_safetensors": True}
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype) or "auto",
                                               **(options | from_pretrained_kwargs))

@@ -2,7 +2,6 @@
 
 Every check here reads only config.json and tokenizer files, so bad input fails before any weight is loaded."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,24 +9,15 @@ from torch import nn
 
 from flashmorph.data.from_model import has_tokenizer
 from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.hybrid import SECTION_KEY
+from flashmorph.model.load import TORCH_DTYPES
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HYBRID_SECTION = "flashmorph"  # config.json key a flashmorph hybrid export writes (flashmorph.model.hybrid)
-
-
-def read_model_config(model_dir: str | Path) -> dict:
-    """The raw config.json of `model_dir`, as a dict."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--model {model_dir} holds no config.json; point it at a HF model directory")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not readable JSON ({type(err).__name__}); fix or replace it") from None
+DTYPES = {"auto": "auto", **TORCH_DTYPES}  # "auto": as saved
 
 
 def is_hybrid_export(model_config: dict) -> bool:
-    return isinstance(model_config.get(HYBRID_SECTION), dict)
+    return isinstance(model_config.get(SECTION_KEY), dict)
 
 
 def check_dtype(dtype: str) -> None:
@@ -50,7 +40,7 @@ def load_eval_model(model_dir: str | Path, dtype: str = "auto", device: str = "c
     a flashmorph section (so linear layers run as linear attention), else AutoModelForCausalLM."""
     check_dtype(dtype)
     target = check_device(device)
-    if is_hybrid_export(read_model_config(model_dir)):
+    if is_hybrid_export(read_model_config(model_dir, f"--model {model_dir}")):
         try:
             from flashmorph import load_hybrid
         except (ImportError, AttributeError):

@@ -52,7 +52,7 @@ def prepare(cfg: EvaluationConfig) -> _Prepared:
     check_device(cfg.device)
     if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ConfigError(f"--out {cfg.out} is a file; choose a directory path")
-    prepared = _Prepared(model_config=read_model_config(cfg.model))
+    prepared = _Prepared(model_config=read_model_config(cfg.model, f"--model {cfg.model}"))
     if cfg.perplexity is not None:
         cfg.perplexity.validate()
         load_eval_tokenizer(cfg.model, "perplexity")  # the tokenizer check, before any weight is read

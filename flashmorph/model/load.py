@@ -5,14 +5,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from flashmorph.config import DTYPES
 from flashmorph.errors import FlashMorphError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the recipe's dtype names -> torch dtypes
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 def load_causal_lm(model_dir: str | Path, dtype: str = "bfloat16"):
