@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.config import TeacherConfig
 from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
+from flashmorph.evaluation.retrieval import answer_hits
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,16 @@ def teacher_data_config(teacher: TeacherConfig, num_pairs: int, seed: int) -> Da
     return config
 
 
-@torch.no_grad()
 def recall_accuracy(model, dataset: RetrievalDataset, num_samples: int, batch_size: int = 128) -> float:
-    """Fraction of answer tokens predicted exactly (greedy) on a held-out split."""
+    """Fraction of answer tokens predicted exactly (greedy) on a held-out split; the same count as
+    tools/evaluate.py's token accuracy, so the teacher report and later evaluations agree."""
     model.eval()
     correct = total = 0
     for start in range(0, num_samples, batch_size):
         batch = dataset.batch(range(start, min(start + batch_size, num_samples)))
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        mask = targets != -100
-        correct += (logits.argmax(-1)[mask] == targets[mask]).sum().item()
-        total += mask.sum().item()
+        hits, tokens = answer_hits(model, batch["input_ids"], batch["labels"])
+        correct += int(hits.sum())
+        total += int(tokens.sum())
     model.train()
     return correct / max(total, 1)
 
