@@ -1,0 +1,1 @@
+"""Training pieces shared by the stages: losses, the distillation module, checkpoint/resume, preemption."""
