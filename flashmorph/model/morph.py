@@ -6,6 +6,7 @@ tells the function how to treat that layer. Gate values reach the function as a 
 does a hybrid model's cache (`morph_cache`), whose linear layers hold the recurrent state.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,23 @@ def apply_layer_modes(lm: nn.Module, config: MorphConfig, modes: list[str]) -> N
     lm.config._attn_implementation = ATTN_KEY
 
 
+@contextmanager
+def temporary_layer_modes(lm: nn.Module, modes: list[str]):
+    """Run `lm` with other layer modes inside the block (e.g. all "full" to get the original model back from a
+    hybrid that shares its weights), restoring the previous modes on exit."""
+    modules = attention_modules(lm)
+    if len(modes) != len(modules) or any(getattr(m, "morph", None) is None for m in modules):
+        raise FlashMorphError("temporary_layer_modes needs a morphed model and one mode per layer")
+    previous = [m.morph.mode for m in modules]
+    try:
+        for module, mode in zip(modules, modes):
+            module.morph.mode = mode
+        yield lm
+    finally:
+        for module, mode in zip(modules, previous):
+            module.morph.mode = mode
+
+
 class MorphableLM(nn.Module):
     """A frozen causal LM plus the gates that mix softmax and linear attention in every layer."""
 
@@ -154,18 +172,24 @@ class MorphableLM(nn.Module):
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, morph_gates=gate_values)
         return out.last_hidden_state, gate_values
 
-    def forward(self, input_ids, labels=None, position_ids=None, gate_values=None):
+    def forward(self, input_ids, labels=None, position_ids=None, gate_values=None, shift_labels=None):
         """Retrieval loss pieces on answer tokens only, so T x vocab logits are never built.
 
-        labels follow HF's convention (-100 = ignored, the shift happens here). Returns a dict with
-        `loss_sum` (summed CE over answer tokens), `num_tokens`, `num_correct` and `gate_values`.
+        labels follow HF's convention (-100 = ignored, the shift happens here); or pass `shift_labels`, already
+        shifted (token t's target at t), as a sequence-parallel shard must: its last target is on the next shard.
+        Returns a dict with `loss_sum` (summed CE over answer tokens), `num_tokens`, `num_correct` and `gate_values`.
         """
+        if (labels is None) == (shift_labels is None):
+            raise FlashMorphError(
+                "MorphableLM.forward needs labels or shift_labels (one of them); use .logits() for plain inference"
+            )
         hidden, gate_values = self.hidden_states(input_ids, position_ids, gate_values)
-        if labels is None:
-            raise FlashMorphError("MorphableLM.forward needs labels; use .logits() for plain inference")
-        targets = labels[:, 1:]
-        answer = targets != -100  # [B, T-1]
-        picked = hidden[:, :-1][answer]  # [N, hidden]
+        if shift_labels is None:
+            targets, hidden = labels[:, 1:], hidden[:, :-1]
+        else:
+            targets = shift_labels
+        answer = targets != -100  # [B, T-1], or [B, T] for shift_labels
+        picked = hidden[answer]  # [N, hidden]
         logits = self.lm.get_output_embeddings()(picked).float()  # [N, vocab]
         answer_targets = targets[answer]
         loss_sum = nn.functional.cross_entropy(logits, answer_targets, reduction="sum")
