@@ -61,11 +61,18 @@ class SearchConfig:
 
 
 @dataclass
+class LayoutConfig:
+    tensor_parallel: int = 1  # megatron-core TP degree at this GPU count
+    sequence_parallel: int = 1  # Ulysses degree at this GPU count
+
+
+@dataclass
 class ParallelConfig:
     zero_stage: int = 3  # DeepSpeed ZeRO stage (3 partitions the frozen weights over data-parallel ranks)
     deepspeed_config: str | None = None  # a DeepSpeed JSON whose keys override the generated config
     sequence_parallel: int = 1  # Ulysses degree (must divide heads and seq_len)
     tensor_parallel: int = 1  # megatron-core TP degree (must divide heads)
+    layouts: dict[int, LayoutConfig] = field(default_factory=dict)  # GPU count -> degrees; wins over the two above
 
 
 @dataclass
@@ -192,13 +199,14 @@ def model_shape(recipe: GateSearchRecipe) -> dict[str, int]:
     if recipe.model.path is None:
         t = recipe.teacher
         return {"num_layers": t.num_layers, "num_heads": t.num_heads, "num_kv_heads": t.num_kv_heads,
-                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size}
+                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": 4 * t.hidden_size}
     cfg = read_model_config(recipe.model.path, f"model.path={recipe.model.path}")
     cfg = cfg.get("text_config", cfg)
     heads = cfg["num_attention_heads"]
     return {"num_layers": cfg["num_hidden_layers"], "num_heads": heads,
             "num_kv_heads": cfg.get("num_key_value_heads") or heads,
-            "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"]}
+            "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
+            "intermediate_size": cfg.get("intermediate_size") or 4 * cfg["hidden_size"]}
 
 
 def num_full_layers(budget: int | float, num_layers: int) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default end to end on CPU: gate search -> discretize (gates and every baseline) ->
-# export each hybrid -> evaluate each on held-out retrieval -> one comparison table.
-#   bash scripts/embedded_pipeline.sh [run_dir]        (default runs/embedded; ~6-8 min on 2 cores)
+# export each hybrid -> evaluate each on held-out retrieval -> distill the gate-search hybrid from the
+# teacher -> long-context finetune it -> evaluate both -> one comparison table.
+#   bash scripts/embedded_pipeline.sh [run_dir]        (default runs/embedded; ~10 min on 2 cores)
 # Reuses a finished gate search in run_dir; every later step rewrites its own outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +33,23 @@ done
 python tools/evaluate.py --model "$RUN/teacher" --recipe "$RUN/config.yaml" --tasks mqar \
   --retrieval-lengths 34 --samples 512 --batch-size 64 --no-progress --out "$RUN/eval/teacher" > /dev/null
 
+# stage 4: distill the hybrid gate search chose, then continue it along a length curriculum
+common=(--override "model.path=$RUN/teacher" --override "student.layout=$RUN/selection/gates/hybrid.json" --no-progress)
+python launcher/distill.py --config recipes/embedded_distill.yaml --override "run.run_dir=$RUN/distill" "${common[@]}"
+python launcher/long_context.py --config recipes/embedded_long_context.yaml --override "run.run_dir=$RUN/long_context" \
+  --override "student.init_from=$RUN/distill" "${common[@]}"
+for stage in distill long_context; do
+  python tools/evaluate.py --model "$RUN/$stage/student" --recipe "$RUN/config.yaml" --tasks mqar \
+    --retrieval-lengths 34 --samples 512 --batch-size 64 --no-progress --out "$RUN/eval/$stage" > /dev/null
+done
+
 python - "$RUN" "${methods[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 
 run, methods = Path(sys.argv[1]), sys.argv[2:]
+def layout_of(name):
+    return json.loads((run / "selection" / name / "hybrid.json").read_text())["full_layers"]
 def recall(name):
     return json.loads((run / "eval" / name / "results.json").read_text())["retrieval"]["overall"]
 rows = ["| selection | full-attention layers | selection cost (forward passes, s) | answer-token recall | exact match |",
@@ -48,6 +61,11 @@ for method in methods:
     cost, score = layout["cost"], recall(method)
     rows.append(f"| {method} | {layout['full_layers']} | {cost['forward_passes']}, {cost['wall_seconds']:.2f} | "
                 f"{100 * score['token_accuracy']:.1f}% | {100 * score['exact_match']:.1f}% |")
+for stage in ("distill", "long_context"):
+    score, info = recall(stage), json.loads((run / stage / "summary.json").read_text())
+    kl = info["kl_per_token"]
+    rows.append(f"| gates + {stage} (KL {kl['first']:.3f} -> {kl['last']:.3f}) | {layout_of('gates')} | "
+                f"{info['steps']} training steps | {100 * score['token_accuracy']:.1f}% | {100 * score['exact_match']:.1f}% |")
 summary = json.loads((run / "summary.json").read_text())
 rows.append("")
 rows.append(f"gates: discretizing reads gates.safetensors; the gate search itself ran {summary.get('steps', '?')} "

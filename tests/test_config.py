@@ -29,9 +29,40 @@ def test_recipe_file_then_overrides(tmp_path):
     assert recipe.search.budget == 0.5  # default kept
 
 
+def _recipe_class(path):
+    from flashmorph.distill_config import DistillRecipe
+
+    return DistillRecipe if path.stem.endswith(("_distill", "_long_context")) else GateSearchRecipe
+
+
 def test_every_shipped_recipe_loads():
-    for path in sorted((ROOT / "recipes").glob("*.yaml")):
-        load_recipe(path)
+    paths = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(paths) >= 17  # embedded x3 + 5 models x 3 stages
+    for path in paths:
+        load_recipe(path, cls=_recipe_class(path))
+
+
+def test_every_recipe_layout_fits_its_model():
+    """Each GPU count a recipe names gets TP x SP degrees that divide the GPUs and the published model shape."""
+    from flashmorph.distill_config import effective_parallel
+    from flashmorph.estimate import PRESETS
+    from flashmorph.parallel.mesh import check_layout_for_model, resolve_layout
+
+    checked = 0
+    for path in sorted((ROOT / "recipes").glob("*_*b_*.yaml")):
+        recipe = load_recipe(path, cls=_recipe_class(path))
+        family, size = path.stem.split("_")[:2]  # llama3_70b_distill -> llama3-70b
+        shape = PRESETS[f"{family}-{size}"]
+        lengths = [s.seq_len for s in getattr(getattr(recipe, "distill", None), "length_schedule", [])]
+        for gpus in recipe.parallel.layouts:
+            tp, sp = effective_parallel(recipe.parallel, gpus)
+            layout = resolve_layout(tp, sp, gpus)
+            for seq_len in lengths or [recipe.data.seq_len]:
+                check_layout_for_model(layout, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                                       hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                                       seq_len=seq_len)
+            checked += 1
+    assert checked == 45  # 5 models x 3 stages x {1, 8, 64} GPUs
 
 
 BAD_CASES = [

@@ -30,6 +30,7 @@ def build_ds_config(
     lr: float,
     weight_decay: float,
     grad_clip: float,
+    warmup_steps: int = 0,
     override_file: str | None = None,
 ) -> dict:
     """The DeepSpeed JSON for a trainable-only optimizer group; `override_file` keys win."""
@@ -52,6 +53,9 @@ def build_ds_config(
     }
     if grad_clip > 0:
         config["gradient_clipping"] = grad_clip
+    if warmup_steps > 0:  # linear warm-up to lr, then constant
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                              "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
     if override_file:
         _deep_update(config, json.loads(Path(override_file).read_text()))
     return config
@@ -67,7 +71,10 @@ def zero3_model_init(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    # zero.Init partitions over the whole world (= SP x DP when TP is 1) and knows no mpu, so its batch check would
+    # count SP ranks as data parallel: leave the batch sizes for DeepSpeed to derive from the micro batch
+    init_config = {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "gradient_accumulation_steps")}
+    keep_alive = HfDeepSpeedConfig(init_config)  # transformers holds only a weak reference
     try:
         yield
     finally:
@@ -75,11 +82,17 @@ def zero3_model_init(ds_config: dict):
         del keep_alive
 
 
-def initialize_engine(model: nn.Module, trainable: list[nn.Parameter], ds_config: dict):
-    """The DeepSpeed engine over `model`, optimizing only `trainable` (one param group)."""
+def initialize_engine(model: nn.Module, trainable: list[nn.Parameter], ds_config: dict, mpu=None):
+    """The DeepSpeed engine over `model`, optimizing only `trainable` (one param group); `mpu` (from
+    parallel.mesh) tells ZeRO which ranks shard and average together when TP/SP are on."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[{"params": trainable}], config=ds_config)
+    if mpu is not None and hasattr(mpu, "get_sequence_data_parallel_group"):
+        from flashmorph.parallel.mesh import place_zero_partitions
+
+        place_zero_partitions(model, mpu.get_sequence_data_parallel_group())  # SP ranks must reduce grads together
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[{"params": trainable}], config=ds_config,
+                                           mpu=mpu)
     return engine
 
 
@@ -144,3 +157,14 @@ def save_weights_checkpoint(model: nn.Module, ds_config: dict, directory: Path, 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     engine.save_checkpoint(str(directory), tag=tag, save_latest=True)
+
+
+def gather_state_dict(module: nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The full parameters of a (possibly ZeRO-3 partitioned) module, one tensor gathered at a time so no rank holds
+    more than one extra full tensor on the device; every rank must call it, only `keep` ranks get the CPU copy."""
+    state = {} if keep else None
+    for name, param in module.named_parameters():
+        with gathered([param]):
+            if keep:
+                state[name] = param.detach().cpu().clone()
+    return state

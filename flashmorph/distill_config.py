@@ -1,0 +1,156 @@
+"""Recipes of the distillation and long-context stages: one dataclass tree, validated before any model is built."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashmorph.config import DTYPES, ModelConfig, ParallelConfig, RunConfig, model_shape
+from flashmorph.data.config import DataConfig
+from flashmorph.data.text_config import TextDataConfig
+from flashmorph.errors import ConfigError
+from flashmorph.model.config import MorphConfig
+from flashmorph.model.hybrid import read_layout
+
+TRAINABLE_SETS = ("lora", "linear", "full")
+
+
+@dataclass
+class StudentConfig:
+    layout: str | None = None  # hybrid.json from tools/discretize_gates.py: which layers stay softmax (required)
+    init_from: str | None = None  # a finished distill run dir to continue from (its adapter or weights); null = the original model
+
+
+@dataclass
+class LengthStage:
+    seq_len: int = 4096  # tokens per sample in this stage
+    steps: int = 100  # optimizer steps spent at this length
+
+
+@dataclass
+class DistillConfig:
+    trainable: str = "lora"  # "lora" (peft adapters; teacher = same weights, adapters off), "linear" (q/k/v/o of linear layers) or "full"
+    lora_rank: int = 16  # LoRA rank r
+    lora_alpha: float = 32.0  # LoRA scaling alpha (update scaled by alpha / r)
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names given adapters
+    lora_linear_layers_only: bool = True  # adapters only in linear layers; full layers keep the teacher's attention exactly
+    temperature: float = 1.0  # softmax temperature of the KL (scaled by temperature^2)
+    ce_weight: float = 0.0  # weight of next-token cross-entropy added to the KL (0 = pure distillation)
+    steps: int = 1000  # optimizer steps (ignored when length_schedule is set: its steps add up instead)
+    lr: float = 1e-4  # AdamW peak learning rate
+    warmup_steps: int = 50  # linear learning-rate warm-up, then constant
+    weight_decay: float = 0.0  # AdamW weight decay
+    micro_batch_size: int = 1  # samples per data-parallel rank per micro step
+    grad_accum_steps: int = 1  # micro steps per optimizer step
+    grad_clip: float = 1.0  # gradient clipping norm (0 = off)
+    token_chunk: int = 1024  # tokens per chunk of the tiled KL: logits exist for this many tokens at a time
+    vocab_chunk: int = 16384  # vocabulary slice of the fp32 softmax math inside a chunk
+    length_schedule: list[LengthStage] = field(default_factory=list)  # long-context curriculum; empty = data.seq_len throughout
+    log_every: int = 1  # steps between tensorboard/console logs
+    save_every: int = 100  # steps between checkpoints (0 = only the final one)
+    keep_last: int = 2  # complete checkpoints kept on disk (0 = keep all)
+
+
+@dataclass
+class DistillRecipe:
+    run: RunConfig = field(default_factory=lambda: RunConfig(run_dir="runs/distill"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    morph: MorphConfig = field(default_factory=MorphConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def total_steps(self) -> int:
+        schedule = self.distill.length_schedule
+        return sum(s.steps for s in schedule) if schedule else self.distill.steps
+
+    @property
+    def max_seq_len(self) -> int:
+        schedule = self.distill.length_schedule
+        return max(s.seq_len for s in schedule) if schedule else self.data.seq_len
+
+
+def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> dict[str, int]:
+    """Raise ConfigError on the first problem; returns the model shape. Reads config.json and hybrid.json only."""
+    from flashmorph.parallel.mesh import check_layout_for_model, resolve_layout
+
+    run, model, student, distill, parallel = recipe.run, recipe.model, recipe.student, recipe.distill, recipe.parallel
+    if not run.run_dir:
+        raise ConfigError("run.run_dir is empty; set it to the directory for this run's outputs")
+    if model.path is None:
+        raise ConfigError("model.path is null; distillation needs the original model (for the embedded default: "
+                          "<gate search run>/teacher)")
+    if not Path(model.path).is_dir():
+        raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory")
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype!r} is unknown; use one of {DTYPES}")
+    if student.layout is None:
+        raise ConfigError("student.layout is null; give the hybrid.json written by tools/discretize_gates.py")
+    if not Path(student.layout).is_file():
+        raise ConfigError(f"student.layout={student.layout} does not exist; write it with tools/discretize_gates.py")
+    if student.init_from is not None and not Path(student.init_from).is_dir():
+        raise ConfigError(f"student.init_from={student.init_from} does not exist; give a finished distill run directory")
+    recipe.morph.validate()
+    if recipe.morph.gate_granularity != "layer":
+        raise ConfigError("morph.gate_granularity must be 'layer' for distillation: the student is a hybrid of whole layers")
+    shape = model_shape(recipe)
+    read_layout(student.layout, shape["num_layers"])  # one-line error if it does not fit the model
+    _validate_distill(distill)
+    tp, sp = effective_parallel(parallel, world_size)
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3")
+    if parallel.deepspeed_config is not None and not Path(parallel.deepspeed_config).is_file():
+        raise ConfigError(f"parallel.deepspeed_config={parallel.deepspeed_config} does not exist; give a DeepSpeed JSON file or null")
+    layout = resolve_layout(tp, sp, world_size)
+    for seq_len in ([s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]):
+        check_layout_for_model(layout, num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"],
+                               hidden_size=shape["hidden_size"], intermediate_size=shape.get("intermediate_size"),
+                               seq_len=seq_len)
+    if tp > 1 and distill.trainable == "lora":
+        raise ConfigError(f"distill.trainable=lora with parallel.tensor_parallel={tp}: peft adapters do not wrap megatron's "
+                          "parallel layers here; use trainable=linear or full with TP, or tensor_parallel=1 with LoRA")
+    for stage_len in [s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]:
+        dataclasses.replace(recipe.data, seq_len=stage_len).validate()
+    recipe.text.validate()
+    return shape
+
+
+def _validate_distill(d: DistillConfig) -> None:
+    if d.trainable not in TRAINABLE_SETS:
+        raise ConfigError(f"distill.trainable={d.trainable!r} is unknown; use one of {TRAINABLE_SETS}")
+    if d.trainable == "lora" and (d.lora_rank < 1 or not d.lora_targets):
+        raise ConfigError("distill.lora_rank must be >= 1 and distill.lora_targets non-empty, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature={d.temperature} must be > 0")
+    if d.ce_weight < 0:
+        raise ConfigError(f"distill.ce_weight={d.ce_weight} must be >= 0")
+    if d.lr <= 0:
+        raise ConfigError(f"distill.lr={d.lr} must be > 0")
+    for name in ("micro_batch_size", "grad_accum_steps", "log_every", "token_chunk", "vocab_chunk"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 1")
+    for name in ("save_every", "keep_last", "warmup_steps"):
+        if getattr(d, name) < 0:
+            raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 0")
+    if not d.length_schedule and d.steps < 1:
+        raise ConfigError(f"distill.steps={d.steps} must be >= 1")
+    previous = 0
+    for idx, stage in enumerate(d.length_schedule):
+        if stage.seq_len <= previous or stage.steps < 1:
+            raise ConfigError(f"distill.length_schedule[{idx}]: lengths must increase and steps be >= 1 "
+                              f"(got seq_len={stage.seq_len}, steps={stage.steps})")
+        previous = stage.seq_len
+
+
+def effective_parallel(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(tensor, sequence) degrees for this world size: a `parallel.layouts` entry for it wins over the defaults."""
+    chosen = parallel.layouts.get(world_size)
+    if chosen is None:
+        return parallel.tensor_parallel, parallel.sequence_parallel
+    return chosen.tensor_parallel, chosen.sequence_parallel

@@ -1,0 +1,305 @@
+"""Distillation and long-context finetuning: the hybrid student learns the original model's logits (tiled KL).
+
+One step serves both stages; long-context only adds a length curriculum. Runs under ZeRO-3 on any number of
+ranks, with optional Ulysses sequence parallelism and megatron tensor parallelism (composed in parallel.mesh).
+"""
+
+import dataclasses
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flashmorph.checkpoint import atomic
+from flashmorph.data import RetrievalDataset
+from flashmorph.data.from_model import data_for_model
+from flashmorph.data.length_schedule import LengthSchedule
+from flashmorph.data.mixture import text_retrieval_mixture
+from flashmorph.data.packed_text import PackedTextDataset
+from flashmorph.distill_config import DistillRecipe, effective_parallel, validate_distill_recipe
+from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
+from flashmorph.model.load import load_causal_lm
+from flashmorph.model.morph import apply_layer_modes
+from flashmorph.parallel import distributed, zero
+from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh, resolve_layout
+from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.telemetry import MetricsWriter
+from flashmorph.training import lora
+from flashmorph.training.batches import sample_indices
+from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
+from flashmorph.training.distill_model import DistillModel, base_lm
+from flashmorph.training.preemption import Preempted, PreemptionGuard
+
+log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"
+STUDENT_DIR = "student"
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    kl_history: list[float]  # per-token KL of every step this call ran, in order
+    steps: int  # the step the run ended at
+    student_dir: Path | None  # the exported hybrid (HF directory), when one was written
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def _student_source(recipe: DistillRecipe) -> Path:
+    """Full/linear finetunes continue from a previous run's exported student; LoRA always starts from the base."""
+    init_from = recipe.student.init_from
+    if init_from is not None and recipe.distill.trainable != "lora":
+        return Path(init_from) / STUDENT_DIR
+    return Path(recipe.model.path)
+
+
+def build_distill_model(recipe: DistillRecipe, ds_config: dict, mesh: Mesh) -> tuple[DistillModel, list]:
+    """Student (hybrid, trainable set applied), teacher, and the trainable parameters; parallel layers swapped in."""
+    from flashmorph.parallel.sequence import install_sequence_parallel
+    from flashmorph.parallel.tensor import apply_tensor_parallel
+
+    cfg, dtype = recipe.distill, recipe.model.dtype
+    # TP slices full weights after loading, so its ranks load unpartitioned; otherwise zero.Init shards at load
+    with zero.zero3_model_init(ds_config) if mesh.layout.tensor == 1 else nullcontext():
+        student = load_causal_lm(_student_source(recipe), dtype)
+        teacher = load_causal_lm(recipe.model.path, dtype) if cfg.trainable != "lora" else None
+    num_layers = student.config.num_hidden_layers
+    modes = read_layout(recipe.student.layout, num_layers)
+    apply_hybrid_layout(student, modes, recipe.morph)
+    student.requires_grad_(False)
+    models = [student]
+    if teacher is not None:
+        apply_layer_modes(teacher, recipe.morph, ["full"] * num_layers)
+        teacher.requires_grad_(False)
+        models.append(teacher)
+    for lm in models:
+        if mesh.layout.tensor > 1:
+            apply_tensor_parallel(lm, mesh)
+        if mesh.layout.sequence > 1:
+            install_sequence_parallel(lm, mesh.sp_group, cfg.micro_batch_size)
+    if recipe.model.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
+    if cfg.trainable == "lora":
+        student = lora.add_lora(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                layers=linear_layers if cfg.lora_linear_layers_only else None)
+        if recipe.student.init_from is not None:
+            lora.load_adapter(student, Path(recipe.student.init_from) / ADAPTER_DIR)
+    elif cfg.trainable == "linear":
+        for idx in linear_layers:
+            attn = student.model.layers[idx].self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(attn, name).requires_grad_(True)
+    else:
+        student.requires_grad_(True)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError("the trainable set is empty: the layout has no linear layer to adapt "
+                           "(set distill.lora_linear_layers_only=false or pick another layout)")
+    model = DistillModel(student, teacher, temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+                         token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
+    return model, trainable
+
+
+def build_datasets(recipe: DistillRecipe, vocab_size: int, info) -> dict:
+    """seq_len -> dataset: retrieval samples, mixed with packed natural text when text.weight > 0."""
+    model_dir, run_dir = recipe.model.path, Path(recipe.run.run_dir)
+    lengths = [s.seq_len for s in recipe.distill.length_schedule] or [recipe.data.seq_len]
+    text = None
+    if recipe.text.weight > 0:
+        # the main rank tokenizes and caches the corpus first, so the other ranks read the cache instead of racing
+        def load_text():
+            return PackedTextDataset.from_model(recipe.text, model_dir, vocab_size, lengths[0], work_dir=run_dir)
+
+        text = distributed.run_on_main(load_text, info)
+        if not info.is_main:
+            text = load_text()
+    out = {}
+    for seq_len in lengths:
+        data_cfg = dataclasses.replace(recipe.data, seq_len=seq_len)
+        space, haystack = data_for_model(model_dir, data_cfg, vocab_size)
+        retrieval = RetrievalDataset(data_cfg, space, haystack=haystack)
+        if text is None:
+            out[seq_len] = retrieval
+        else:
+            out[seq_len] = text_retrieval_mixture(retrieval, text.with_seq_len(seq_len), recipe.text.weight,
+                                                  seed=recipe.text.seed)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def _local_batch(batch: dict, mesh: Mesh, device) -> dict:
+    """This rank's share of a [B, T] batch: its sequence slice under SP, with global positions and labels
+    shifted on the full sequence (so a shard's last token is scored against the next shard's first)."""
+    from flashmorph.parallel.sequence import shard_sequence
+
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    shard = shard_sequence(input_ids, labels, mesh.sp_rank, mesh.layout.sequence)
+    return {key: value.to(device) for key, value in shard.items()}
+
+
+def run_distill(recipe: DistillRecipe, info: distributed.DistInfo, resume: bool = False, show_progress: bool = True,
+                stage: str = "distill", preemption: PreemptionGuard | None = None) -> DistillResult:
+    """Train the student; writes checkpoints, tensorboard, summary.json and the exported student into run_dir.
+
+    With `preemption`, a stop signal on any rank ends the run after the current step with a complete checkpoint
+    and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
+    """
+    shape = validate_distill_recipe(recipe, info.world_size)
+    cfg = recipe.distill
+    tp, sp = effective_parallel(recipe.parallel, info.world_size)
+    mesh = init_mesh(resolve_layout(tp, sp, info.world_size))
+    try:
+        return _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption)
+    finally:
+        destroy_mesh()
+
+
+def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) -> DistillResult:
+    cfg = recipe.distill
+    run_dir = Path(recipe.run.run_dir)
+    distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
+    setup_file_logging(run_dir, info.rank)
+    datasets = build_datasets(recipe, shape["vocab_size"], info)
+    schedule = LengthSchedule([(s.seq_len, s.steps) for s in cfg.length_schedule] or [(recipe.data.seq_len, cfg.steps)])
+    dp_size, dp_rank = mesh.layout.data, mesh.dp_rank
+    ds_config = zero.build_ds_config(
+        micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps, world_size=dp_size,
+        dtype=recipe.model.dtype, zero_stage=recipe.parallel.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps, override_file=recipe.parallel.deepspeed_config)
+    torch.manual_seed(recipe.run.seed)
+    model, trainable = build_distill_model(recipe, ds_config, mesh)
+    engine = zero.initialize_engine(model, trainable, ds_config, mpu=mesh.mpu)
+    engine.train()
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
+    log.info("%s: %d trainable parameters (%s), layout tp=%d sp=%d dp=%d", stage, n_trainable, cfg.trainable,
+             mesh.layout.tensor, mesh.layout.sequence, dp_size)
+
+    root = run_dir / "checkpoints"
+    state = resume_checkpoint(engine, root, info) if resume else None
+    start_step = state["step"] if state else 0
+    total_steps = schedule.total_steps
+    accum, micro = cfg.grad_accum_steps, cfg.micro_batch_size
+    # DeepSpeed divides each micro loss by accum and averages gradients over the SP x DP ranks that hold the same
+    # weights (mesh.grad_divisor); this scale turns per-rank token sums into the step's mean per token
+    grad_average = mesh.grad_divisor
+    writer = MetricsWriter(run_dir / "tb", enabled=info.is_main)
+    bar = tqdm(total=total_steps, initial=start_step, desc=stage, disable=not (info.is_main and show_progress))
+    kl_history: list[float] = []
+    kl_by_length: dict[int, list[float]] = {}  # seq_len -> [first, last] KL of the steps run at that length
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        seq_len = schedule.seq_len_at(step)
+        dataset = datasets[seq_len]
+        global_tokens = micro * accum * dp_size * seq_len
+        scale = accum * grad_average / global_tokens
+        totals = torch.zeros(2, dtype=torch.float64)  # kl_sum, ce_sum over this rank's tokens
+        for m in range(accum):
+            batch = dataset.batch(sample_indices(step, m, dp_rank, dp_size, micro, accum))
+            local = _local_batch(batch, mesh, info.device)
+            sums = engine(local["input_ids"], local["position_ids"], local["shift_labels"])
+            engine.backward(sums["loss_sum"] * scale)
+            engine.step()
+            totals += torch.stack([sums["kl_sum"].detach().double().cpu(), sums["ce_sum"].detach().double().cpu()])
+        # TP ranks hold the same tokens: sum over the data x sequence ranks of TP rank 0's share only
+        totals = totals * (1.0 if mesh.tp_rank == 0 else 0.0)
+        totals = distributed.all_reduce_sum(totals.to(info.device)).cpu()
+        kl, ce = (totals / global_tokens).tolist()
+        kl_history.append(kl)
+        kl_by_length.setdefault(seq_len, [kl, kl])[1] = kl
+        elapsed = time.perf_counter() - started
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            writer.scalars(step + 1, {
+                "loss/kl": kl, "loss/ce": ce, "loss/total": kl + cfg.ce_weight * ce,
+                "lr": engine.get_lr()[0], "data/seq_len": seq_len,
+                "perf/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed,
+            })
+        bar.update(1)
+        bar.set_postfix(kl=f"{kl:.4f}", len=seq_len)
+        periodic_save = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps
+        if periodic_save:
+            save_checkpoint(engine, root, step + 1, {"kl": kl}, cfg.keep_last, info)
+        if preemption is not None and step + 1 < total_steps and preemption.stop_requested(info.device):
+            if not periodic_save:
+                save_checkpoint(engine, root, step + 1, {"kl": kl}, cfg.keep_last, info)
+            bar.close()
+            writer.close()
+            raise Preempted(step + 1, atomic.checkpoint_dir(root, step + 1), preemption.reason)
+    bar.close()
+    if start_step < total_steps:
+        save_checkpoint(engine, root, total_steps, {"kl": kl_history[-1]}, cfg.keep_last, info)
+    writer.close()
+    student_dir = _write_outputs(recipe, model, mesh, info, kl_history, kl_by_length, start_step, total_steps, stage)
+    distributed.barrier()  # _write_outputs gathers on every rank, writes on rank 0
+    return DistillResult(run_dir, kl_history, total_steps, student_dir)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl_by_length, start_step, total_steps,
+                   stage):
+    """adapter/ (LoRA), student/ (the hybrid as a HF directory, LoRA merged) and summary.json."""
+    from flashmorph.export import save_hybrid
+
+    run_dir = Path(recipe.run.run_dir)
+    student_dir = None
+    if mesh.layout.tensor > 1:
+        log.info("tensor-parallel run: the student stays in its checkpoint; convert it with tools/reshard.py")
+    else:
+        state = zero.gather_state_dict(model.student, keep=info.is_main)
+        if info.is_main:
+            cfg = recipe.distill
+            if cfg.trainable == "lora":
+                lora.save_adapter(model.student, state, run_dir / ADAPTER_DIR)
+                state = lora.merge_lora_state(state, cfg.lora_alpha / cfg.lora_rank)
+            lm = _materialize(base_lm(model.student), state)
+            student_dir = save_hybrid(lm, run_dir / STUDENT_DIR, force=True, tokenizer_from=recipe.model.path)
+    if info.is_main:
+        summary = {
+            "stage": stage,
+            "steps": total_steps,
+            "first_step_run": start_step,
+            "kl_per_token": {"first": kl_history[0] if kl_history else None,
+                             "last": kl_history[-1] if kl_history else None,
+                             "by_seq_len": {str(k): {"first": v[0], "last": v[1]} for k, v in kl_by_length.items()}},
+            "trainable": recipe.distill.trainable,
+            "layout": read_layout(recipe.student.layout),
+            "parallel": {"tensor": mesh.layout.tensor, "sequence": mesh.layout.sequence, "data": mesh.layout.data},
+            "student_dir": str(student_dir) if student_dir else None,
+        }
+        atomic.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        for seq_len, (first, last) in kl_by_length.items():
+            print(f"{stage}: KL per token at {seq_len} tokens: {first:.4f} (first step) -> {last:.4f} (last step)",
+                  flush=True)
+        if student_dir:
+            print(f"student (hybrid HF directory): {student_dir}", flush=True)
+    return student_dir
+
+
+def _materialize(template, state: dict[str, torch.Tensor]):
+    """A fresh CPU copy of the student's HF model holding `state`, carrying the same hybrid layout."""
+    from transformers import AutoModelForCausalLM
+
+    from flashmorph.model.hybrid import SECTION_KEY, read_hybrid_section
+
+    config = template.config
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = lm.load_state_dict(state, strict=False, assign=True)
+    if unexpected or any(not name.endswith("lm_head.weight") for name in missing):
+        raise RuntimeError(f"student state does not fit its model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if missing:
+        lm.tie_weights()
+    lm.model.rotary_emb = type(template.model.rotary_emb)(config=config)  # buffers are not parameters
+    modes, morph_config = read_hybrid_section(getattr(config, SECTION_KEY))
+    apply_hybrid_layout(lm, modes, morph_config)
+    return lm

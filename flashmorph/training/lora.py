@@ -1,0 +1,67 @@
+"""LoRA adapters (peft) on a hybrid student, their files, and merging them into plain weights for export."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flashmorph.checkpoint import atomic
+from flashmorph.errors import CheckpointError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def add_lora(lm: nn.Module, *, rank: int, alpha: float, targets: list[str], layers: list[int] | None) -> nn.Module:
+    """Wrap `lm` with peft LoRA adapters on `targets` in `layers` (None = every layer); base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                        layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
+    return get_peft_model(lm, config)
+
+
+def adapter_state(peft_model: nn.Module, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a gathered state dict, under peft's file names."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, state_dict=full_state)
+
+
+def save_adapter(peft_model: nn.Module, full_state: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json, each written atomically."""
+    tensors = {k: v.contiguous() for k, v in adapter_state(peft_model, full_state).items()}
+    atomic.atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    peft_model.peft_config["default"].save_pretrained(str(out_dir))
+
+
+def load_adapter(peft_model: nn.Module, adapter_dir: Path) -> None:
+    """Load adapter weights written by save_adapter (hash-verified) into a model wrapped with the same config."""
+    from peft import set_peft_model_state_dict
+
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; student.init_from must be a finished LoRA distill run")
+    result = set_peft_model_state_dict(peft_model, atomic.load_safetensors_verified(path))
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise CheckpointError(f"{path} holds adapters this recipe does not create ({unexpected[0]}, ...); "
+                              "use the same distill.lora_* settings as the run that wrote it")
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """peft-named full state -> the base model's names with W + scaling * B @ A folded in (adapter "default")."""
+    merged: dict[str, torch.Tensor] = {}
+    prefix = "base_model.model."
+    for name, tensor in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        plain = name[len(prefix):] if name.startswith(prefix) else name
+        if ".base_layer." in plain:
+            module = name.rsplit(".base_layer.", 1)[0]
+            plain = plain.replace(".base_layer.", ".")
+            a_key, b_key = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+            if plain.endswith(".weight") and a_key in state:
+                delta = state[b_key].float() @ state[a_key].float()  # [out, r] @ [r, in]
+                tensor = (tensor.float() + scaling * delta).to(tensor.dtype)
+        merged[plain] = tensor
+    return merged
