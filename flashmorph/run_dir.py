@@ -1,20 +1,25 @@
 """Self-describing run directories: resolved config, package versions, checkpoints/, tb/ and log.txt.
 
-Call `prepare_run_dir` on rank 0 only (then barrier); call `setup_file_logging` on every rank.
+Call `prepare_run_dir` on rank 0 only (then barrier); call `setup_file_logging` on every rank. Rank 0 then holds
+run.lock for the life of its process, so a second job on the same directory stops at once, naming the holder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
+import fcntl
 import importlib.metadata
 import json
 import logging
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,9 @@ VERSIONS_NAME = "versions.json"
 LOG_NAME = "log.txt"
 CHECKPOINTS_DIR = "checkpoints"
 TB_DIR = "tb"
+LOCK_NAME = "run.lock"
+
+_held_locks: dict[Path, int] = {}  # run dir -> open fd of its flock'ed run.lock, kept for the process lifetime
 
 # key in versions.json -> distribution name on the package index
 _TRACKED_PACKAGES = {
@@ -76,6 +84,66 @@ def _create_writable_dir(run_dir: Path) -> None:
         raise FlashMorphError(f"run_dir {run_dir} is not writable ({e.strerror or e}); {fix}") from e
 
 
+def _lock_holder() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _describe_holder(lock_path: Path) -> str:
+    try:
+        holder = json.loads(lock_path.read_text(encoding="utf-8"))
+        parts = [f"host {holder['host']}", f"pid {holder['pid']}"]
+        if holder.get("slurm_job_id"):
+            parts.append(f"SLURM job {holder['slurm_job_id']}")
+        return ", ".join(parts) + f", since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Take an exclusive, non-blocking flock on run_dir/run.lock and keep it until this process exits.
+
+    The kernel drops the lock when the holder dies (even by SIGKILL), so a crashed or preempted job never
+    blocks its requeued successor. Taking it again in the same process is a no-op. Filesystems without flock
+    (e.g. Lustre mounted with noflock) get a warning, not an error.
+    """
+    run_dir = Path(run_dir).expanduser().absolute()
+    if run_dir in _held_locks:
+        return
+    lock_path = run_dir / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise FlashMorphError(f"cannot create {lock_path} ({e.strerror or e}); free space or fix the permissions "
+                              "there, or choose another run_dir") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FlashMorphError(f"run_dir {run_dir} is in use by another job ({_describe_holder(lock_path)}); wait "
+                              "for it to finish or cancel it, or choose another run.run_dir") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            logger.warning("cannot lock %s on this filesystem (%s); make sure no other job uses this run_dir",
+                           lock_path, e.strerror or e)
+            return
+        raise FlashMorphError(f"cannot lock {lock_path} ({e.strerror or e}); choose another run_dir") from e
+    _held_locks[run_dir] = fd
+    try:  # who holds it, for the message a second job prints; the lock itself does not depend on this
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_lock_holder()) + "\n").encode(), 0)
+    except OSError as e:
+        logger.warning("could not record the lock holder in %s (%s)", lock_path, e.strerror or e)
+
+
+def release_run_dir_lock(run_dir: str | os.PathLike) -> None:
+    """Give up this process's lock on run_dir (a long-lived process running several stages); no-op if not held."""
+    fd = _held_locks.pop(Path(run_dir).expanduser().absolute(), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor of the open file releases the flock
+
+
 def _flashmorph_git_commit() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the flashmorph source checkout, or (None, None) when not run from a git checkout."""
     source_root = Path(flashmorph.__file__).resolve().parent.parent
@@ -117,11 +185,13 @@ def collect_versions() -> dict[str, Any]:
 def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, resume: bool) -> Path:
     """Create the run dir with checkpoints/ and tb/, write config.yaml and versions.json; return its path.
 
-    Refuses (`FlashMorphError`) a run dir that already holds checkpoints unless `resume` is set, so a new
-    run never mixes its checkpoints with an old one's. Rank 0 only.
+    Refuses (`FlashMorphError`) a run dir that another live job has locked (see `lock_run_dir`), and one that
+    already holds checkpoints unless `resume` is set, so a new run never mixes its checkpoints with an old one's.
+    Rank 0 only.
     """
     run_dir = Path(path).expanduser().absolute()
     _create_writable_dir(run_dir)
+    lock_run_dir(run_dir)
     has_checkpoints = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))
     if has_checkpoints and not resume:
         raise FlashMorphError(

@@ -2,6 +2,9 @@
 
     deepspeed --num_gpus 8 launcher/gate_search.py --config recipes/llama3_8b_gate_search.yaml
     python launcher/gate_search.py --config recipes/embedded.yaml          # one process (CPU or 1 GPU)
+
+Exit codes: 0 done, 2 bad recipe or unusable run directory, 75 stopped by SIGTERM/SIGUSR1 after saving a
+complete checkpoint (rerun with --resume); anything else is a crash.
 """
 
 import argparse
@@ -11,6 +14,7 @@ from flashmorph.config import load_recipe, validate_recipe
 from flashmorph.errors import FlashMorphError
 from flashmorph.parallel.distributed import distributed_session
 from flashmorph.stages.gate_search import run_gate_search
+from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +37,11 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        with distributed_session() as info:
-            run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress)
+        with distributed_session() as info, PreemptionGuard() as guard:
+            run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress, preemption=guard)
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except FlashMorphError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ Typical use, with barriers done by the caller:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -43,6 +44,9 @@ _REPLACED_PREFIX = ".old-"  # a step_N being replaced, moved aside until the new
 _DELETING_PREFIX = ".del-"  # a pruned step_N, moved aside so a crash mid-delete leaves no half step_N
 _HASH_CHUNK = 8 << 20
 _HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL, so threads overlap I/O and hashing
+# errnos that mean "this filesystem will not take the write": reported as one CheckpointError, never a traceback
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_STORAGE_FIX = "free space there, fix its permissions, or point run.run_dir at another filesystem"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,6 +75,41 @@ def checkpoint_step(ckpt_dir: str | os.PathLike) -> int:
     if match is None:
         raise CheckpointError(f"{ckpt_dir} is not a checkpoint directory (expected a name like step_123)")
     return int(match.group(1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage failures
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """A write refused by the filesystem: full disk or quota, read-only, permission denied."""
+    return isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS
+
+
+def _free_space(path: Path) -> str:
+    for candidate in (path, *path.parents):  # the path itself may be what could not be created
+        try:
+            free = shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if free < 1024 or unit == "TiB":
+                return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+            free /= 1024
+    return "unknown space"
+
+
+def storage_error(err: BaseException, what: str, path: str | os.PathLike, outcome: str = "") -> CheckpointError:
+    """One line for a failed write of `what` at `path`: the reason, the free space left there, the fix, `outcome`."""
+    path = Path(path)
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = err.strerror or os.strerror(err.errno)
+    else:  # torch.save reports a full disk as RuntimeError("... file write failed"), with no errno
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        reason = lines[0][:200]
+    tail = f"; {outcome}" if outcome else ""
+    return CheckpointError(f"cannot write {what} to {path} ({reason}; {_free_space(path)} free there); "
+                           f"{_STORAGE_FIX}{tail}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,8 +158,14 @@ def _sha256(path: Path) -> str:
 def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success fsync it and rename it over `path`, else remove it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    outcome = f"the previous {path.name}, if any, is unchanged"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if is_storage_error(e):
+            raise storage_error(e, path.name, path.parent, outcome) from e
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -133,9 +178,11 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if is_storage_error(e):
+            raise storage_error(e, path.name, path.parent, outcome) from e
         raise
     _fsync_dir(path.parent)
 
@@ -195,12 +242,27 @@ def load_safetensors_verified(path: str | os.PathLike, *, device: str = "cpu", w
 def prepare_staging(checkpoints_root: str | os.PathLike, step: int) -> Path:
     """Create an empty staging dir for `step`, removing a stale one left by a crashed run (rank 0 only)."""
     staging = staging_dir(checkpoints_root, step)
-    if staging.exists():
-        logger.warning("removing stale %s left by an interrupted save", staging)
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    try:
+        if staging.exists():
+            logger.warning("removing stale %s left by an interrupted save", staging)
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    except OSError as e:
+        if is_storage_error(e):
+            raise storage_error(e, f"checkpoint step {step}", staging,
+                                "earlier checkpoints are intact") from e
+        raise
     _fsync_dir(staging.parent)
     return staging
+
+
+def discard_staging(checkpoints_root: str | os.PathLike, step: int) -> None:
+    """Remove the staging dir of a save that failed (rank 0 only), so nothing half-written is left behind."""
+    staging = staging_dir(checkpoints_root, step)
+    shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists():
+        logger.warning("could not remove %s; it is ignored on resume and removed by the next save of step %d",
+                       staging, step)
 
 
 def _list_files(directory: Path) -> list[str]:
@@ -252,10 +314,17 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
         "files": [{"path": rel, "size": size, "sha256": digest} for rel, (size, digest) in zip(rel_paths, results)],
     }
     manifest_path = staging / MANIFEST_NAME
-    with open(manifest_path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(manifest_path, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if not is_storage_error(e):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # never leave a staging dir that looks nearly sealed
+        raise storage_error(e, f"the manifest of {what}", staging,
+                            f"{final.name} was not written; earlier checkpoints are intact") from e
     for dirpath, _dirnames, _filenames in os.walk(staging, topdown=False):
         _fsync_dir(Path(dirpath))
 

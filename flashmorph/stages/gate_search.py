@@ -20,6 +20,9 @@ from flashmorph.run_dir import prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import train_teacher
 from flashmorph.telemetry import MetricsWriter
+from flashmorph.training.batches import sample_indices
+from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
+from flashmorph.training.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger(__name__)
 GATES_FILE = "gates.safetensors"
@@ -50,14 +53,6 @@ def reg_lambda(step: int, weight: float, warmup_steps: int) -> float:
     return weight * min(1.0, (step + 1) / warmup_steps)
 
 
-def _sample_indices(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> range:
-    """The samples a rank sees in one micro step: step s covers samples [s*G, (s+1)*G) whatever the world
-    size, so 1 process and N processes train on the same data."""
-    global_batch = micro_batch * accum * world
-    start = step * global_batch + (micro * world + rank) * micro_batch
-    return range(start, start + micro_batch)
-
-
 def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info,
                        show_progress: bool) -> tuple[Path, dict | None]:
     if recipe.model.path is not None:
@@ -68,34 +63,22 @@ def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info,
 
 
 def _save_checkpoint(engine, root: Path, step: int, accuracy: float, keep_last: int, info) -> None:
-    if info.is_main:
-        atomic.prepare_staging(root, step)
-    distributed.barrier()
-    zero.save_engine_checkpoint(engine, atomic.staging_dir(root, step), {"step": step, "accuracy": accuracy})
-    distributed.barrier()
-    if info.is_main:
-        atomic.finalize(root, step, {"step": step, "world_size": info.world_size})
-        if keep_last:
-            atomic.prune(root, keep_last)
-    distributed.barrier()
+    save_checkpoint(engine, root, step, {"accuracy": accuracy}, keep_last, info)  # storage failures: CheckpointError
 
 
 def _resume(engine, root: Path, info) -> tuple[int, float]:
     """(first step to run, accuracy of the last step done) from the latest complete checkpoint."""
-    latest = atomic.latest_complete(root) if info.is_main else None
-    latest = distributed.broadcast_object(str(latest) if latest else None)
-    if latest is None:
-        log.info("no complete checkpoint in %s: starting from step 0", root)
-        return 0, float("nan")
-    atomic.verify(Path(latest), deep=info.is_main)
-    state = zero.load_engine_checkpoint(engine, Path(latest))
-    log.info("resumed from %s (step %d)", latest, state["step"])
-    return state["step"], state["accuracy"]
+    state = resume_checkpoint(engine, root, info)
+    return (0, float("nan")) if state is None else (state["step"], state["accuracy"])
 
 
 def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume: bool = False,
-                    show_progress: bool = True) -> GateSearchResult:
-    """Train the gates of a morphed model; writes gates.safetensors and summary.json into run.run_dir."""
+                    show_progress: bool = True, preemption: PreemptionGuard | None = None) -> GateSearchResult:
+    """Train the gates of a morphed model; writes gates.safetensors and summary.json into run.run_dir.
+
+    With `preemption`, a stop signal on any rank ends the run after the current step with a complete
+    checkpoint and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
+    """
     shape = validate_recipe(recipe)
     search = recipe.search
     run_dir = Path(recipe.run.run_dir)
@@ -130,7 +113,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     bar = tqdm(total=search.steps, initial=start_step, desc="gate search", disable=not (info.is_main and show_progress))
     for step in range(start_step, search.steps):
         started = time.perf_counter()
-        batches = [dataset.batch(_sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
+        batches = [dataset.batch(sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
                    for m in range(accum)]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         step_tokens = distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=info.device)).item()
@@ -163,8 +146,15 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
         bar.update(1)
         bar.set_postfix(ce=f"{ce:.3f}", acc=f"{accuracy:.2f}", gates=" ".join(f"{v:.2f}" for v in
                                                                             model.gates.layer_scores(gate_values)))
-        if search.save_every and (step + 1) % search.save_every == 0 and step + 1 < search.steps:
+        periodic_save = search.save_every and (step + 1) % search.save_every == 0 and step + 1 < search.steps
+        if periodic_save:
             _save_checkpoint(engine, root, step + 1, accuracy, search.keep_last, info)
+        if preemption is not None and step + 1 < search.steps and preemption.stop_requested(info.device):
+            if not periodic_save:
+                _save_checkpoint(engine, root, step + 1, accuracy, search.keep_last, info)
+            bar.close()
+            writer.close()
+            raise Preempted(step + 1, atomic.checkpoint_dir(root, step + 1), preemption.reason)
     bar.close()
     if start_step < search.steps:
         _save_checkpoint(engine, root, search.steps, accuracy, search.keep_last, info)
@@ -175,9 +165,8 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     layer_scores = model.gates.layer_scores(gate_values)
     kept = top_k_indices(layer_scores, k)  # the same rule tools/discretize_gates.py applies
     result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report)
-    if info.is_main:
-        _write_outputs(result, recipe, k, model_dir, info.world_size)
-    distributed.barrier()
+    # on rank 0, and a full disk there raises on every rank instead of leaving the others at a barrier
+    distributed.run_on_main(lambda: _write_outputs(result, recipe, k, model_dir, info.world_size), info)
     return result
 
 
