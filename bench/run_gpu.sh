@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Run the GPU benchmarks on one GPU, the most important first, each step under its own time limit, then print
+# every table. One JSON per benchmark, run_gpu.log and summary.md land in $OUT (default runs/bench_gpu).
+#
+#   bench/run_gpu.sh part1|part2|all|smoke
+#
+#   part1  P1 gate-search memory (8B; 8K, 32K), then P3/P4 hybrid decode, cache bytes and prefill (8B; 8K-128K)
+#   part2  P2 branch cost (8B; 8K, 32K), P7 selection cost (1B; 8K), the kernel table (4K-128K)
+#   smoke  every step with --smoke (tiny shape, CPU, seconds): checks this script and the environment
+# Each part is planned to take ~6 minutes and must fit a 10-minute call: all its steps share one deadline,
+# BENCH_DEADLINE_S seconds from the start (default 570; 1200 for all); a step that would pass it is cut short (its JSON keeps the
+# rows measured so far) and the steps after it are skipped. BENCH_SHAPE=llama3-1b swaps the 8B shape for a quick run.
+# Without fla on the node, wheelhouse/ (scripts/build_wheelhouse.sh) is installed into /tmp first, offline.
+# Triton's cache (fla's autotuning, ~100 s per new head size) goes to .bench_cache/triton; BENCH_SAVE_TRITON_CACHE=1
+# also writes $OUT/triton_cache.tgz, which a later fresh machine restores from .bench_cache/triton_cache.tgz.
+set -uo pipefail
+
+PART=${1:-}
+case "$PART" in
+    part1|part2|all|smoke) ;;
+    *) echo "usage: bench/run_gpu.sh part1|part2|all|smoke" >&2; exit 2 ;;
+esac
+SMOKE=()
+[[ $PART == smoke ]] && SMOKE=(--smoke)
+STARTED=$(date +%s)
+DEADLINE=$(( STARTED + ${BENCH_DEADLINE_S:-$([[ $PART == all ]] && echo 1200 || echo 570)} ))
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$ROOT/runs/bench_gpu}
+mkdir -p "$OUT"
+LOG=$OUT/run_gpu.log
+export PYTHON=${PYTHON:-python3}  # install_wheelhouse.sh uses the same interpreter
+SHAPE=${BENCH_SHAPE:-llama3-8b}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # 128K prefill: less fragmentation
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$ROOT/.bench_cache/triton}
+STATUS=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+if [[ -f $ROOT/.bench_cache/triton_cache.tgz && ! -d $TRITON_CACHE_DIR ]]; then
+    mkdir -p "$TRITON_CACHE_DIR" && tar -xzf "$ROOT/.bench_cache/triton_cache.tgz" -C "$TRITON_CACHE_DIR"
+    log "== restored the Triton cache from .bench_cache/triton_cache.tgz"
+fi
+
+if [[ -d /tmp/flashmorph-site/fla ]]; then  # installed by an earlier call on this (still warm) machine
+    export PYTHONPATH=/tmp/flashmorph-site:$PYTHONPATH
+fi
+if ! "$PYTHON" -c "import fla" >/dev/null 2>&1; then
+    if [[ ! -f $ROOT/wheelhouse/requirements.txt ]]; then
+        log "error: fla does not import and there is no wheelhouse/; build one with scripts/build_wheelhouse.sh"
+        exit 1
+    fi
+    log "== installing wheelhouse/ into /tmp/flashmorph-site"
+    bash scripts/install_wheelhouse.sh --target /tmp/flashmorph-site 2>&1 | tee -a "$LOG"
+    export PYTHONPATH=/tmp/flashmorph-site:$PYTHONPATH
+    "$PYTHON" -c "import fla, flashmorph" || { log "error: fla still does not import"; exit 1; }
+fi
+"$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch, transformers
+print(f"== {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE'}; "
+      f"torch {torch.__version__}, transformers {transformers.__version__}")
+EOF
+
+run_step() {  # name limit_s script [args...]: run one benchmark, cut at its limit or at the shared deadline
+    local name=$1 limit=$2
+    shift 2
+    local left=$(( DEADLINE - $(date +%s) - 20 ))
+    if (( left < 45 )); then
+        log "== $name: skipped, ${left}s left before the deadline"
+        STATUS+=("$name: skipped (deadline)")
+        return
+    fi
+    (( limit > left )) && limit=$left
+    log "== $name (limit ${limit}s): $PYTHON $* ${SMOKE[*]+${SMOKE[*]}} --out $OUT"
+    local start rc
+    start=$(date +%s)
+    # SIGINT first: python unwinds (the JSON already holds every finished row), SIGKILL 15 s later
+    timeout --signal=INT --kill-after=15 "$limit" "$PYTHON" "$@" ${SMOKE[@]+"${SMOKE[@]}"} --out "$OUT" 2>&1 \
+        | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    STATUS+=("$name: exit $rc after $(( $(date +%s) - start ))s$( ((rc == 124)) && echo ' (time limit)')")
+}
+
+if [[ $PART != part2 ]]; then
+    run_step "P1 gate_memory" 270 bench/gate_memory.py --shape "$SHAPE" --lengths 8K,32K
+    run_step "P3/P4 hybrid_inference" 300 bench/hybrid_inference.py --shape "$SHAPE" \
+        --decode-lengths 32K,128K --decode-batches 1,8 --prefill-lengths 8K,32K,64K,128K
+fi
+if [[ $PART != part1 ]]; then
+    run_step "P2 branch_cost" 240 bench/branch_cost.py --shape "$SHAPE" --lengths 8K,32K --iters 2
+    run_step "P7 selection_cost" 200 bench/selection_cost.py --shape llama3-1b --seq-len 8K --num-batches 4
+    run_step "kernels" 120 bench/kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K
+fi
+
+if [[ ${BENCH_SAVE_TRITON_CACHE:-0} == 1 && -d $TRITON_CACHE_DIR ]]; then
+    tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
+    if (( $(stat -c %s "$OUT/triton_cache.tgz") > 15 * 1024 * 1024 )); then
+        rm -f "$OUT/triton_cache.tgz"
+        log "== the Triton cache is over 15 MiB packed; not saved"
+    fi
+fi
+
+"$PYTHON" bench/summary.py "$OUT" > "$OUT/summary.md"
+{
+    echo
+    cat "$OUT/summary.md"
+    echo
+    echo "== run_gpu.sh $PART: $(( $(date +%s) - STARTED ))s in all"
+    printf '   %s\n' "${STATUS[@]}"
+} | tee -a "$LOG"

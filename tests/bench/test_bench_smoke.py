@@ -1,0 +1,170 @@
+"""The benchmark scripts in their CPU smoke mode (tiny shape, seconds each), so they cannot rot: each writes its JSON
+(environment, rows, ratios) and prints one table line per ratio; plus the helpers the later benchmarks will use."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads on a busy 2-core box; the setting comes back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_smoke(name: str, tmp_path, capsys, *extra: str) -> dict:
+    """Run bench/<name>.py --smoke in-process; check its results file and table; return the file's contents."""
+    module = importlib.import_module(f"bench.{name}")
+    ratios = module.main(["--smoke", "--out", str(tmp_path), *extra])
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["complete"] is True and data["benchmark"] == name
+    env = data["environment"]
+    assert env["device"].startswith("cpu") and env["date"]
+    assert env["command"].startswith(f"python bench/{name}.py --smoke --out ")
+    assert env["versions"]["torch"] != "not installed" and "transformers" in env["versions"]
+    table = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| measurement")]
+    assert len(table) == len(data["ratios"]) == len(ratios) > 0
+    return data
+
+
+def test_gate_memory_runs_both_steps(tmp_path, capsys):
+    data = run_smoke("gate_memory", tmp_path, capsys)
+    assert [row["length"] for row in data["rows"]] == [64, 128]
+    # torch keeps no allocator statistics on CPU: the ratio must say "not measured", never a made-up number
+    assert all(row["gate_search_peak_bytes"] is None for row in data["rows"])
+    assert all(r["value"] is None and r["met"] == "-" for r in data["ratios"])
+
+
+def test_branch_cost_divides_the_mixed_step_by_both_single_branch_steps(tmp_path, capsys):
+    data = run_smoke("branch_cost", tmp_path, capsys)
+    for row, line in zip(data["rows"], data["ratios"]):
+        assert min(row["mixed_step_s"], row["softmax_step_s"], row["linear_step_s"]) > 0
+        expected = row["mixed_step_s"] / (row["softmax_step_s"] + row["linear_step_s"])
+        assert line["value"] == pytest.approx(expected) and line["target"] == "<= 1.10"
+
+
+def test_hybrid_inference_cache_bytes_are_kv_for_full_layers_and_one_state_per_linear_layer(tmp_path, capsys):
+    data = run_smoke("hybrid_inference", tmp_path, capsys)
+    assert data["layouts"]["hybrid"] == ["full", "linear", "linear", "linear"]  # 1/4 of the tiny shape's 4 layers
+    kv_heads, heads, head_dim, fp32 = 2, 4, 16, 4  # the tiny shape, fp32 on CPU
+    for row in data["rows"]:
+        batch, length = row["batch"], row["length"]
+        kv_layer = 2 * batch * kv_heads * length * head_dim * fp32  # K and V: [B, Hkv, T, D]
+        state = batch * heads * head_dim * head_dim * fp32  # [B, H, D, D]
+        assert row["softmax_cache_bytes"] == 4 * kv_layer
+        assert row["hybrid_cache_bytes"] == kv_layer + 3 * state
+    kinds = [row["kind"] for row in data["rows"]]
+    assert kinds == ["decode", "prefill", "prefill"]
+    assert data["rows"][0]["softmax_tokens_per_s"] > 0 and data["rows"][0]["hybrid_tokens_per_s"] > 0
+    names = [r["name"] for r in data["ratios"]]
+    assert sum(n.startswith("P3 prefill") for n in names) == 2 and sum(n.startswith("P4 decode") for n in names) == 1
+    assert sum("cache bytes" in n for n in names) == 2  # one per length: 64 (prefill and decode) and 128
+
+
+def test_kernels_time_the_naive_branch_and_sdpa_on_cpu(tmp_path, capsys):
+    data = run_smoke("kernels", tmp_path, capsys, "--passes", "fwd,fwd+bwd")
+    assert {(row["pass"], row["length"]) for row in data["rows"]} == {(p, n) for p in ("fwd", "fwd+bwd")
+                                                                      for n in (64, 128)}
+    for row in data["rows"]:
+        assert row["naive_s"] > 0 and row["sdpa_s"] > 0 and "fla_s" not in row
+    assert all(r["value"] == pytest.approx(row["sdpa_s"] / row["naive_s"])
+               for r, row in zip(data["ratios"], data["rows"]))
+
+
+def test_selection_cost_runs_every_method_on_the_same_batches(tmp_path, capsys):
+    data = run_smoke("selection_cost", tmp_path, capsys)
+    rows = {row["method"]: row for row in data["rows"]}
+    assert set(rows) == {"gate_search", "leave_one_out", "kl"}
+    assert {row["tokens"] for row in rows.values()} == {2 * 64}
+    assert rows["leave_one_out"]["forward_passes"] == rows["kl"]["forward_passes"] == (4 + 1) * 2
+    loo = data["ratios"][0]
+    assert loo["target"] == ">= 5.0"
+    assert loo["value"] == pytest.approx(rows["leave_one_out"]["seconds"] / rows["gate_search"]["seconds"])
+
+
+def test_summary_renders_every_results_file_and_flags_an_unfinished_one(tmp_path, capsys):
+    run_smoke("kernels", tmp_path, capsys, "--passes", "fwd")
+    partial = json.loads((tmp_path / "kernels.json").read_text()) | {"complete": False, "benchmark": "other"}
+    (tmp_path / "other.json").write_text(json.dumps(partial))
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    from bench.summary import summarize
+
+    text = summarize(tmp_path)
+    assert text.count("## Kernels") == 2 and "INCOMPLETE" in text and "junk.json" in text
+
+
+def test_every_mode_backpropagates_to_the_embeddings_and_only_mixed_to_the_gates():
+    from bench.morph_steps import build_morphable, set_mode
+    from bench.common import retrieval_batch
+
+    model = build_morphable("tiny", torch.device("cpu"), torch.float32)
+    batch = retrieval_batch(model.lm.config.vocab_size, 64, 2, torch.device("cpu"))
+    captured = []
+    model.lm.get_input_embeddings().register_forward_hook(lambda m, i, out: captured.append(out))
+    for mode in ("mixed", "full", "linear"):
+        set_mode(model, mode)
+        captured.clear()
+        out = model(batch["input_ids"], labels=batch["labels"])
+        captured[0].retain_grad()
+        out["loss_sum"].backward()
+        assert captured[0].grad is not None and captured[0].grad.abs().sum() > 0, mode
+        gate_grad = model.gates.gate_logits.grad
+        assert (gate_grad is not None and gate_grad.abs().sum() > 0) == (mode == "mixed"), mode
+        model.gates.zero_grad(set_to_none=True)
+    assert not any(p.requires_grad for p in model.lm.parameters())
+
+
+def test_flops_count_the_weights_a_token_meets():
+    from bench.common import build_lm, llama_config
+    from bench.flops import attention_flops_per_token, matmul_params, model_flops_per_token, mfu
+
+    config = llama_config("llama3-8b")
+    embedding, norms = config.vocab_size * config.hidden_size, (2 * config.num_hidden_layers + 1) * config.hidden_size
+    assert matmul_params(config) + embedding + norms == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+    lm = build_lm("tiny", torch.device("cpu"), torch.float32)
+    counted = sum(p.numel() for name, p in lm.named_parameters() if "embed_tokens" not in name and "norm" not in name)
+    assert matmul_params(lm.config) == counted
+    n, seq = matmul_params(config), 8192
+    causal_attention = 2 * config.num_attention_heads * config.head_dim * seq * config.num_hidden_layers
+    assert attention_flops_per_token(config, seq) == causal_attention
+    assert model_flops_per_token(config, seq) == 6 * n + 3 * causal_attention
+    assert model_flops_per_token(config, seq, weight_grads=False) == 4 * n + 3 * causal_attention
+    assert model_flops_per_token(config, seq, training=False) == 2 * n + causal_attention
+    hybrid = attention_flops_per_token(config, seq, num_linear_layers=24)
+    assert hybrid == 8 * causal_attention / 32 + 24 * 4 * config.num_attention_heads * config.head_dim ** 2
+    assert mfu(989.4e12, 1.0, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0) and mfu(1.0, 1.0, "cpu") is None
+
+
+def test_largest_fitting_length_doubles_then_bisects():
+    from bench.common import largest_fitting_length
+
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 5000
+
+    assert largest_fitting_length(fits, 1024, 131072, granularity=256) == 4864
+    assert tried[:4] == [1024, 2048, 4096, 8192]
+    assert largest_fitting_length(lambda n: True, 1024, 3000) == 3000
+    assert largest_fitting_length(lambda n: False, 1024, 3000) is None
+
+
+def test_lengths_parse_as_the_flags_write_them():
+    from bench.common import format_length, parse_lengths
+
+    assert parse_lengths("8K,32k, 4096") == [8192, 32768, 4096]
+    assert parse_lengths("") == []
+    assert format_length(131072) == "128K" and format_length(100) == "100"
