@@ -33,11 +33,18 @@ done
 python tools/evaluate.py --model "$RUN/teacher" --recipe "$RUN/config.yaml" --tasks mqar \
   --retrieval-lengths 34 --samples 512 --batch-size 64 --no-progress --out "$RUN/eval/teacher" > /dev/null
 
-# stage 4: distill the hybrid gate search chose, then continue it along a length curriculum
+# stage 4: distill the hybrid gate search chose, then continue it along a length curriculum; a finished stage
+# is reused, an interrupted one resumes from its last checkpoint
 common=(--override "model.path=$RUN/teacher" --override "student.layout=$RUN/selection/gates/hybrid.json" --no-progress)
-python launcher/distill.py --config recipes/embedded_distill.yaml --override "run.run_dir=$RUN/distill" "${common[@]}"
-python launcher/long_context.py --config recipes/embedded_long_context.yaml --override "run.run_dir=$RUN/long_context" \
-  --override "student.init_from=$RUN/distill" "${common[@]}"
+run_stage() {  # stage recipe extra-args...
+  local stage=$1 recipe=$2; shift 2
+  [[ -f "$RUN/$stage/summary.json" ]] && return 0
+  local resume=()
+  [[ -d "$RUN/$stage/checkpoints" ]] && resume=(--resume)
+  python "launcher/$stage.py" --config "$recipe" --override "run.run_dir=$RUN/$stage" "${common[@]}" "$@" "${resume[@]}"
+}
+run_stage distill recipes/embedded_distill.yaml
+run_stage long_context recipes/embedded_long_context.yaml --override "student.init_from=$RUN/distill"
 for stage in distill long_context; do
   python tools/evaluate.py --model "$RUN/$stage/student" --recipe "$RUN/config.yaml" --tasks mqar \
     --retrieval-lengths 34 --samples 512 --batch-size 64 --no-progress --out "$RUN/eval/$stage" > /dev/null

@@ -251,9 +251,12 @@ def gated_linear_attention_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def liger_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = softmax over the head dimension, in fp32 (Liger's feature map for q and k)."""
-    return torch.softmax(x.float(), dim=-1)
+def liger_feature_map(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """phi(x) = softmax over the head dimension (Liger's feature map for q and k), returned in `dtype`.
+
+    torch's softmax accumulates bf16/fp16 input in fp32, so a bf16 result is the fp32 softmax rounded once, without
+    the fp32 copy (and the fp32 tensor autograd would keep for backward)."""
+    return torch.softmax(x.to(dtype), dim=-1)
 
 
 def liger_log_decay(k_raw: torch.Tensor, normalizer: float = 16.0) -> torch.Tensor:
@@ -268,19 +271,24 @@ def liger_gla_inputs(
     *,
     num_kv_groups: int,
     normalizer: float = 16.0,
+    feature_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Head-first pre-RoPE projections -> GLA inputs (phi(q), phi(k), v, log_decay) in [B, T, H, D], fp32.
+    """Head-first pre-RoPE projections -> GLA inputs (phi(q), phi(k), v, log_decay) in [B, T, H, D].
 
-    q_pre [B, H, T, D], k_pre and v [B, Hkv, T, D] as transformers' attention interface passes them;
-    k/v repeat to H heads the way transformers' `repeat_kv` does (query head h reads kv head h // groups).
-    Shared by prefill (`liger_linear_attention`) and decode (`gla_step` with a cached state).
+    q_pre [B, H, T, D], k_pre and v [B, Hkv, T, D] as transformers' attention interface passes them. phi(q), phi(k)
+    and v come in `feature_dtype` (fp32 for the naive path; v's dtype for fla, as Liger does), the log-decay in fp32.
+    phi(k) and the decay are computed on the kv heads and then repeated to H heads the way transformers'
+    `repeat_kv` does (query head h reads kv head h // groups): the same values as computing on repeated keys, at
+    1/groups of the cost. Shared by prefill (`liger_linear_attention`) and decode (`gla_step` with a cached state).
     """
-    k_rep = k_pre.repeat_interleave(num_kv_groups, dim=1)  # [B, H, T, D]
-    v_rep = v.repeat_interleave(num_kv_groups, dim=1)  # [B, H, T, Dv]
-    q_feat = liger_feature_map(q_pre).transpose(1, 2)  # [B, T, H, D]
-    k_feat = liger_feature_map(k_rep).transpose(1, 2)  # [B, T, H, D]
-    log_decay = liger_log_decay(k_rep, normalizer).transpose(1, 2)  # [B, T, H, D]
-    return q_feat, k_feat, v_rep.float().transpose(1, 2), log_decay
+
+    def to_query_heads(x):  # [B, Hkv, T, D] -> [B, T, H, D]
+        return x.repeat_interleave(num_kv_groups, dim=1).transpose(1, 2)
+
+    q_feat = liger_feature_map(q_pre, feature_dtype).transpose(1, 2)  # [B, T, H, D]
+    k_feat = to_query_heads(liger_feature_map(k_pre, feature_dtype))
+    log_decay = to_query_heads(liger_log_decay(k_pre, normalizer))
+    return q_feat, k_feat, to_query_heads(v.to(feature_dtype)), log_decay
 
 
 def liger_linear_attention(
@@ -322,14 +330,13 @@ def liger_linear_attention_with_state(
 
 
 def _liger_gla(q_pre, k_pre, v, state, output_final_state, *, num_kv_groups, backend, normalizer):
-    q_feat, k_feat, v_rep, log_decay = liger_gla_inputs(
-        q_pre, k_pre, v, num_kv_groups=num_kv_groups, normalizer=normalizer
-    )
     backend = _resolve_backend(backend, v.is_cuda)
-    if backend == "fla":
-        # as Liger does: feature maps in v's dtype (bf16 in training), the log-decay stays fp32;
-        # the kernels accumulate in fp32 either way
-        q_feat, k_feat, v_rep = q_feat.to(v.dtype), k_feat.to(v.dtype), v_rep.to(v.dtype)
+    # fla: as Liger does, feature maps in v's dtype (bf16 in training), the log-decay fp32; the kernels accumulate
+    # in fp32 either way. The naive path stays fp32 throughout.
+    q_feat, k_feat, v_rep, log_decay = liger_gla_inputs(
+        q_pre, k_pre, v, num_kv_groups=num_kv_groups, normalizer=normalizer,
+        feature_dtype=v.dtype if backend == "fla" else torch.float32,
+    )
     if output_final_state and q_feat.shape[1] == 1:
         o, new_state = gated_linear_attention_step(q_feat, k_feat, v_rep, log_decay, state, 1.0, backend)
     else:
