@@ -324,7 +324,13 @@ class ActivationCoefficients:
     loss: float = 1.0  # logits and their fp32 tiles
 
 
-DEFAULT_COEFFICIENTS = ActivationCoefficients()
+# Fitted to one H200 measurement (bench/distill_step.py, 8B shape, LoRA distill step, 1/4 full layers, ZeRO-3 on
+# one GPU, docs/benchmarks.md): the formulas above overestimated the dynamic memory by the same factor, 1/0.773,
+# at 8K, 16K and 32K, so every activation group is scaled by it. UNCALIBRATED keeps the raw tensor counts.
+UNCALIBRATED = ActivationCoefficients()
+MEASURED_SCALE = 0.773
+DEFAULT_COEFFICIENTS = ActivationCoefficients(**{
+    name: value * MEASURED_SCALE for name, value in dataclasses.asdict(UNCALIBRATED).items()})
 
 
 @dataclass(frozen=True)

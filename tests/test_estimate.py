@@ -12,6 +12,7 @@ from helpers.tools import load_tool
 
 from flashmorph.errors import ConfigError
 from flashmorph.estimate import (
+    UNCALIBRATED,
     DS_PREFETCH_BUCKET_ELEMS,
     DS_REDUCE_BUCKET_ELEMS,
     GIB,
@@ -84,7 +85,7 @@ def test_checkpointed_activations_by_hand():
     # kept: (L + 1) layer-boundary hidden states in bf16, plus the final norm's fp32 input, its bf16 output and
     # RoPE cos/sin (2 * head_dim bf16), per token
     setup = EstimateSetup(seq_len=256, micro_batch=2, trainable="gates")
-    result = estimate(TINY, setup)
+    result = estimate(TINY, setup, UNCALIBRATED)
     per_token = 3 * 64 * 2 + 64 * 4 + 64 * 2 + 2 * 16 * 2
     assert result.activations == per_token * 512
 
@@ -129,9 +130,9 @@ def test_checkpointing_off_keeps_more_and_mixed_layers_cost_most():
 
 def test_tiled_loss_shrinks_logits():
     shape = PRESETS["llama3-8b"]
-    untiled = estimate(shape, EstimateSetup(seq_len=16384, trainable="full", loss_chunk=0))
-    tiled = estimate(shape, EstimateSetup(seq_len=16384, trainable="full", loss_chunk=1024))
-    vocab_tiled = estimate(shape, EstimateSetup(seq_len=16384, trainable="full", loss_chunk=1024, vocab_chunk=16384))
+    untiled = estimate(shape, EstimateSetup(seq_len=16384, trainable="full", loss_chunk=0), UNCALIBRATED)
+    tiled = estimate(shape, EstimateSetup(seq_len=16384, trainable="full", loss_chunk=1024), UNCALIBRATED)
+    vocab_tiled = estimate(shape, EstimateSetup(seq_len=16384, trainable="full", loss_chunk=1024, vocab_chunk=16384), UNCALIBRATED)
     assert untiled.logits_loss > 8 * tiled.logits_loss > 8 * vocab_tiled.logits_loss
     # student logits + grad (bf16) and fp32 log-softmax + grad, teacher logits (bf16 + fp32), teacher hidden
     v, h = 128256, 4096

@@ -168,3 +168,101 @@ def test_lengths_parse_as_the_flags_write_them():
     assert parse_lengths("8K,32k, 4096") == [8192, 32768, 4096]
     assert parse_lengths("") == []
     assert format_length(131072) == "128K" and format_length(100) == "100"
+
+
+def test_distill_step_runs_p5_the_estimator_check_and_both_p6_searches(tmp_path, capsys, monkeypatch):
+    """The real ZeRO-3 engine in a world of one (the env is restored after); a simulated OOM in the backward of steps
+    over 192 tokens makes both P6 searches find 192 and the distill one rebuild its engine, freeing the old one."""
+    import socket
+
+    from bench.flops import attention_flops_per_token, matmul_params, model_flops_per_token
+    from flashmorph.estimate import EstimateSetup, estimate, shape_from_hf_config
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    data = run_smoke("distill_step", tmp_path, capsys, "--simulate-oom-above", "192")
+    rows = data["rows"]
+
+    (p5,) = [row for row in rows if row["kind"] == "p5"]
+    assert p5["full_layers"] == [0]  # 1/4 of the tiny shape's 4 layers
+    # LoRA r = 16 on q (64->64), k (64->32), v (64->32), o (64->64) of the 3 linear layers: r * (in + out) each
+    assert p5["lora_params"] == 3 * 16 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))
+    from bench.common import llama_config
+
+    config, length = llama_config("tiny"), 64
+    student = model_flops_per_token(config, length, weight_grads=False, num_linear_layers=3) + 6 * p5["lora_params"]
+    teacher = 2 * matmul_params(config) + attention_flops_per_token(config, length)
+    assert p5["flops_per_token"]["model"] == pytest.approx(student + teacher)
+    assert p5["model_flops"] == pytest.approx((student + teacher) * length) and p5["step_s"] > 0
+    assert p5["mfu"] is None and data["ratios"][0]["value"] is None  # no bf16 peak for a CPU: never a made-up MFU
+
+    estimates = [row for row in rows if row["kind"] == "estimate"]
+    assert [row["length"] for row in estimates] == [64, 128]
+    shape = shape_from_hf_config(config.to_dict())
+    for row in estimates:
+        expected = estimate(shape, EstimateSetup(gpus=1, seq_len=row["length"], dtype="float32", trainable="lora",
+                                                 lora_rank=16, full_layers=1, loss_chunk=32, vocab_chunk=128))
+        assert row["estimated_allocated_bytes"] == pytest.approx(expected.allocated)
+        assert row["measured_peak_bytes"] is None  # CPU: no allocator statistics
+
+    probes = {kind: [(row["length"], row["fits"]) for row in rows if row["kind"] == kind]
+              for kind in ("p6_distill", "p6_gate_search")}
+    assert probes["p6_distill"] == [(256, False), (192, True)]  # 64 and 128 were measured before: not probed again
+    assert probes["p6_gate_search"] == [(64, True), (128, True), (256, False), (192, True)]
+    for key in ("p6_distill", "p6_gate_search"):
+        assert data[key]["longest"] == 192 and data[key]["first_oom"] == 256 and data[key]["complete"] is True
+    assert data["engine_builds"] == 2 and data["engines_not_freed"] == 0
+    p6 = [r for r in data["ratios"] if r["name"].startswith("P6")]
+    assert [r["value"] for r in p6] == [192 / 1024, 192 / 1024] and p6[0]["target"] == ">= 256"
+
+
+def test_search_longest_probes_the_predicted_length_and_its_neighbour_first():
+    from bench.distill_step import search_longest
+
+    step, limit = 8192, 524288
+    tried = []
+
+    def fits(n):  # memoised, as LengthProbe is: `tried` lists the steps a GPU would run
+        if n not in tried:
+            tried.append(n)
+        return n <= 100_000  # 98304 = 12 steps is the answer
+
+    assert search_longest(fits, 32768, limit, step, guess=99_000) == 98304
+    assert tried == [98304, 106496]  # a right guess: two probes
+    for guess in (200_000, 50_000, None, 10):  # too high, too low, none, below the known length: still right
+        tried.clear()
+        assert search_longest(fits, 32768, limit, step, guess=guess) == 98304, guess
+        assert len(tried) <= 7
+    assert search_longest(lambda n: True, 32768, limit, step, guess=10**9) == limit
+
+
+def test_p6_stops_before_a_probe_that_would_pass_the_time_budget():
+    from types import SimpleNamespace
+
+    from bench.distill_step import Deadline, LengthProbe, p6_ratio, run_search
+
+    rows, steps = [], []
+    table = SimpleNamespace(add_row=lambda **row: rows.append(row))
+    probe = LengthProbe("test", steps.append, lambda: None, lambda n: 1.0, Deadline(1e-9), table,
+                        torch.device("cpu"))
+    probe.known[1024] = (True, 5.0)  # measured before: 5 s at 1K, so 2K is predicted at 10 s
+    search = run_search(probe, 1024, SimpleNamespace(p6_limit=8192, p6_granularity=1024), guess=None)
+    assert steps == [] and rows == []  # nothing ran
+    assert search["longest"] == 1024 and search["complete"] is False and "2K" in search["stopped"]
+    line = p6_ratio("P6 test", search, ">= 256", None)
+    assert line.value == 1.0 and "LOWER BOUND" in line.detail
+
+
+def test_profile_step_smoke(tmp_path):
+    from bench import profile_step
+
+    results = profile_step.main(["--smoke", "--out", str(tmp_path)])
+    for layout in ("softmax", "hybrid"):
+        for kind in ("prefill", "decode"):
+            entry = results[f"{kind}_{layout}"]
+            assert entry["wall_s"] > 0 and entry["top"], (kind, layout)
+    assert (tmp_path / "profile_step.json").is_file()

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Multi-GPU verification (issue 8) on one host with NPROC GPUs (default 2), the most important step first, each
+# step its own torchrun launch under its own time limit, so a step that fails, hangs or runs out of memory keeps
+# its finished rows and leaves the next step a clean start. Results: $OUT/multi_gpu_<n>_<step>.json (rewritten
+# after every row), $OUT/multi_gpu.md (every table) and $OUT/multi_gpu.log (default OUT: runs/multi_gpu).
+#
+#   bench/multi_gpu.sh [gpu|smoke]
+#
+#   gpu    1 nccl: all_reduce/all_to_all values and 256 MiB bus bandwidth; 2 gate: gate search on the 8B shape under
+#          ZeRO-3 at 8K; 3 sp: LoRA distill of the 8B hybrid with Ulysses SP, loss vs no SP at 8K, steps at 32K and
+#          128K; 4 tp: distill (trainable linear) of the 1B hybrid with TP, loss and grad norm vs TP=1 at 8K
+#   smoke  the same steps with --smoke in ONE launch (tiny shapes, CPU, gloo): checks this script and the code
+# All launches share one deadline, BENCH_DEADLINE_S seconds from the start (default 520, for a 9-minute call);
+# a launch that would pass it is cut short and the ones after it are skipped. bench/multi_gpu.py --help: the steps.
+# MULTI_GPU_ARGS adds arguments to every launch (e.g. "--gate-lengths 8K,32K"; "--smoke" runs the gpu sequence of
+# launches on tiny shapes, which is how the launch logic was checked on CPU).
+# Without fla on the node, wheelhouse/ is installed into /tmp/flashmorph-site first, offline (as run_gpu.sh does).
+# fla autotunes at the first call of a kernel shape (~100 s); its results are cached on disk in TRITON_CACHE_DIR
+# (.bench_cache/triton), shared by the launches, and restored from .bench_cache/triton_cache.tgz when present.
+set -uo pipefail
+
+MODE=${1:-gpu}
+case "$MODE" in
+    gpu|smoke) ;;
+    *) echo "usage: bench/multi_gpu.sh [gpu|smoke]" >&2; exit 2 ;;
+esac
+STARTED=$(date +%s)
+DEADLINE=$(( STARTED + ${BENCH_DEADLINE_S:-520} ))
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$ROOT/runs/multi_gpu}
+mkdir -p "$OUT"
+LOG=$OUT/multi_gpu.log
+export PYTHON=${PYTHON:-python3}  # install_wheelhouse.sh uses the same interpreter
+NPROC=${NPROC:-2}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # NVLink multicast off, as the device notes ask
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # 128K: less fragmentation
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$ROOT/.bench_cache/triton}
+STATUS=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+if [[ $MODE == gpu ]]; then
+    if [[ -f $ROOT/.bench_cache/triton_cache.tgz && ! -d $TRITON_CACHE_DIR ]]; then
+        mkdir -p "$TRITON_CACHE_DIR" && tar -xzf "$ROOT/.bench_cache/triton_cache.tgz" -C "$TRITON_CACHE_DIR"
+        log "== restored the Triton cache from .bench_cache/triton_cache.tgz"
+    fi
+    if [[ -d /tmp/flashmorph-site/fla ]]; then  # installed by an earlier call on this (still warm) machine
+        export PYTHONPATH=/tmp/flashmorph-site:$PYTHONPATH
+    fi
+    if ! "$PYTHON" -c "import fla" >/dev/null 2>&1; then
+        if [[ ! -f $ROOT/wheelhouse/requirements.txt ]]; then
+            log "error: fla does not import and there is no wheelhouse/; build one with scripts/build_wheelhouse.sh"
+            exit 1
+        fi
+        log "== installing wheelhouse/ into /tmp/flashmorph-site"
+        bash scripts/install_wheelhouse.sh --target /tmp/flashmorph-site 2>&1 | tee -a "$LOG"
+        export PYTHONPATH=/tmp/flashmorph-site:$PYTHONPATH
+        "$PYTHON" -c "import fla, flashmorph" || { log "error: fla still does not import"; exit 1; }
+    fi
+    { nvidia-smi -L; nvidia-smi topo -m; } 2>&1 | tee -a "$LOG"
+    log "== install and checks: $(( $(date +%s) - STARTED ))s"
+fi
+
+PID_DIR=$(mktemp -d)
+export MULTI_GPU_PID_DIR=$PID_DIR  # every worker writes its pid here and removes it at a clean exit
+trap 'rm -rf "$PID_DIR"' EXIT
+
+kill_leftovers() {  # workers of a launch that torchrun left behind (it was killed): ours, listed by pid
+    local file pid
+    for file in "$PID_DIR"/*; do
+        [[ -e $file ]] || continue
+        pid=${file##*/}
+        if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "multi_gpu.py"; then
+            log "   killing worker $pid left over by the launch"
+            kill -9 "$pid" 2>/dev/null
+        fi
+        rm -f "$file"
+    done
+}
+
+launch() {  # name limit_s steps [extra args...]: one torchrun launch of bench/multi_gpu.py, cut at its limit
+    local name=$1 limit=$2 steps=$3
+    shift 3
+    local left=$(( DEADLINE - $(date +%s) - 10 ))
+    if (( left < 45 )); then
+        log "== $name: skipped, ${left}s left before the deadline"
+        STATUS+=("$name: skipped (deadline)")
+        return
+    fi
+    (( limit > left )) && limit=$left
+    # the script's own soft limit leaves time for torchrun, imports and teardown around its steps
+    local soft=$(( limit - 35 ))
+    (( soft < 10 )) && soft=10
+    local smoke=()
+    [[ $MODE == smoke ]] && smoke=(--smoke)
+    local extra=()
+    read -r -a extra <<< "${MULTI_GPU_ARGS:-}"
+    local cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" bench/multi_gpu.py
+               --steps "$steps" --time-limit-s "$soft" --out "$OUT" ${smoke[@]+"${smoke[@]}"} "$@"
+               ${extra[@]+"${extra[@]}"})
+    log "== $name (limit ${limit}s): ${cmd[*]}"
+    local start rc
+    start=$(date +%s)
+    # SIGTERM: torchrun stops its workers (they unwind; the JSON already holds every finished row); SIGKILL 20 s later
+    timeout --signal=TERM --kill-after=20 "$limit" "${cmd[@]}" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    kill_leftovers
+    STATUS+=("$name: exit $rc after $(( $(date +%s) - start ))s$( ((rc == 124 || rc == 137)) && echo ' (time limit)')")
+}
+
+if [[ $MODE == smoke ]]; then
+    launch "smoke: nccl, gate, sp, tp" 300 nccl,gate,sp,tp
+else
+    launch "1 nccl" 60 nccl
+    launch "2 gate search (8B, ZeRO-3, 8K)" 200 gate --gate-lengths 8K --gate-steps 3
+    launch "3 sequence parallel (8B hybrid, 32K, 128K)" 220 sp --sp-compare-length 8K --sp-lengths 32K,128K \
+        --warmup 1 --iters 1
+    # megatron overlaps its TP all-reduce with the weight-gradient GEMM only with one device connection
+    CUDA_DEVICE_MAX_CONNECTIONS=1 launch "4 tensor parallel (1B hybrid, 8K)" 150 tp --tp-length 8K --warmup 1 --iters 3
+fi
+
+"$PYTHON" bench/multi_gpu.py --summary --out "$OUT" > "$OUT/multi_gpu.md" 2>>"$LOG"
+{
+    echo
+    cat "$OUT/multi_gpu.md"
+    echo
+    echo "== multi_gpu.sh $MODE: $(( $(date +%s) - STARTED ))s in all"
+    printf '   %s\n' "${STATUS[@]}"
+} | tee -a "$LOG"
