@@ -5,12 +5,16 @@
   gate  a gate-search step as flashmorph/stages/gate_search.py runs it: the --gate-shape model built under
         zero.Init (zero.zero3_model_init), MorphableLM, activation checkpointing, ZeRO-3 over every rank, gate-only
         AdamW, answer-token CE + lambda x mean gate; each rank reads its own MQAR sample (batch 1 per rank).
-        Per-GPU peak, step time, the gates after every step, and whether every rank holds the same gates.
+        At the first step, the gate-logit gradient ZeRO-3 reduced is checked against the one-process gradient on
+        the same samples (each rank's own gradient, computed outside DeepSpeed, averaged). Per-GPU peak, step
+        time, the gates after every step, whether every rank holds the same gates, and a single-GPU peak measured
+        elsewhere (--single-gpu-gate-gib) beside ours.
   sp    a LoRA distill step as flashmorph/stages/distill.py composes it (mesh -> SP -> checkpointing -> LoRA ->
         engine with mpu): the --sp-shape hybrid (--budget of the layers full), Ulysses SP over every rank, ZeRO-3
         over the SP x DP group, tiled KL vs the same weights with adapters off. First the loss at
         --sp-compare-length with SP against the same engine with SP uninstalled (every rank then runs the whole
-        sequence: same weights, same tokens, no sharding); then training steps at each --sp-lengths.
+        sequence: same weights, same tokens, no sharding); then training steps at each --sp-lengths (--warmup
+        untimed steps at the first length only: nothing in fla retunes for a new length).
   tp    a distill step with trainable "linear" under megatron TP over every rank (--tp-shape): before the swap
         every rank computes the unsplit (TP=1) model's loss and the gradient norm of the trainable set on the
         same tokens; after apply_tensor_parallel the engine's first step must give the same loss and norm.
@@ -32,6 +36,7 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -61,6 +66,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.distill_step import dtype_name, random_tokens  # noqa: E402
 from bench.hybrid_inference import layer_layouts  # noqa: E402
+from bench.morph_steps import enable_activation_checkpointing  # noqa: E402
 from flashmorph.config import SearchConfig  # noqa: E402
 from flashmorph.distill_config import DistillConfig  # noqa: E402
 from flashmorph.estimate import EstimateSetup, estimate, shape_from_hf_config  # noqa: E402
@@ -76,18 +82,33 @@ SEARCH = SearchConfig()  # gate search's lr, regularizer and weight, as the stag
 DISTILL = DistillConfig()  # LoRA rank/alpha/targets, temperature, loss tiles, lr, as the stage uses them
 # what a single-GPU gate-search run measured elsewhere (lead's run on one H200, batch 1, checkpointing): GiB by length
 DEFAULT_SINGLE_GPU_GATE = "8K=19.64,32K=32.45"
+BF16_TOLERANCE_NOTE = ("bf16 targets (<= 0.01 relative) are a first guess, not calibrated: Ulysses' shard shapes and "
+                       "TP's bf16 all-reduce round differently from one process, and the KL is a small difference of "
+                       "two models' logits, so its relative error can exceed bf16's ~0.4%; fp32 (CPU) must agree to "
+                       "1e-4")
 PID_DIR_ENV = "MULTI_GPU_PID_DIR"  # multi_gpu.sh kills the workers listed here that outlive a timed-out launch
 
 
 # ------------------------------------------------------------------------------------------------ the world
 
 
+class Deadline:
+    """Seconds left of --time-limit-s (inf without one); read on rank 0, decisions broadcast by World.decide."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds if seconds > 0 else None
+
+    def left(self) -> float:
+        return math.inf if self.at is None else self.at - time.monotonic()
+
+
 class World:
     """This rank's place and the few collectives the report needs (decisions come from rank 0)."""
 
-    def __init__(self, info, dtype: torch.dtype):
+    def __init__(self, info, dtype: torch.dtype, deadline: Deadline):
         self.rank, self.size, self.device, self.dtype = info.rank, info.world_size, info.device, dtype
         self.is_main = info.is_main
+        self.deadline = deadline  # the launch's soft time limit, shared by its steps
 
     def gather(self, value) -> list:
         """Every rank's `value` (any picklable object), in rank order, on every rank."""
@@ -107,16 +128,6 @@ class World:
         return tensor
 
 
-class Deadline:
-    """Seconds left of --time-limit-s (inf without one); read on rank 0, decisions broadcast by World.decide."""
-
-    def __init__(self, seconds: float):
-        self.at = time.monotonic() + seconds if seconds > 0 else None
-
-    def left(self) -> float:
-        return math.inf if self.at is None else self.at - time.monotonic()
-
-
 class Report:
     """Rank 0's results file of one step (bench.common.Results); a no-op on the other ranks."""
 
@@ -129,7 +140,8 @@ class Report:
         self.results = Results(RESULT_NAMES[step], TITLES[step], args, world.device, "bench/multi_gpu.py", argv)
         launcher = f"torchrun --standalone --nproc_per_node {world.size}" if world.size > 1 else "python"
         self.results.data["environment"]["command"] = f"{launcher} bench/multi_gpu.py {shlex.join(argv)}"
-        self.results.data["world"] = {"size": world.size, "backend": dist.get_backend(), "dtype": dtype_name(world.dtype)}
+        self.results.data["world"] = {"size": world.size, "backend": dist.get_backend(),
+                                      "dtype": dtype_name(world.dtype)}
         self.results.write()
 
     def set(self, key: str, value) -> None:
@@ -205,10 +217,6 @@ def build_model(shape: str, world: World, seed: int, zero_ds_config: dict | None
     return lm.to(world.device)
 
 
-def enable_checkpointing(lm) -> None:
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the stages do
-
-
 def distill_ds_config(world_size_dp: int, dtype: torch.dtype) -> dict:
     from flashmorph.parallel import zero
 
@@ -217,8 +225,9 @@ def distill_ds_config(world_size_dp: int, dtype: torch.dtype) -> dict:
                                 grad_clip=DISTILL.grad_clip)
 
 
-def distill_estimate(config, world: World, seq_len: int, trainable: str, full_layers: int, tp: int = 1,
-                     sp: int = 1, args=None):
+def distill_estimate(args, config, world: World, seq_len: int, trainable: str, full_layers: int, tp: int = 1,
+                     sp: int = 1):
+    """flashmorph.estimate for this run's distill setup (the stage's LoRA settings, loss tiles, ZeRO-3)."""
     setup = EstimateSetup(gpus=world.size, tensor_parallel=tp, sequence_parallel=sp, seq_len=seq_len,
                           dtype=dtype_name(world.dtype), trainable=trainable, lora_rank=DISTILL.lora_rank,
                           lora_modules=tuple(DISTILL.lora_targets),
@@ -299,14 +308,14 @@ def run_gate(args, world: World, report: Report) -> list[str]:
     from flashmorph.stages.gate_search import regularizer
     from flashmorph.training.batches import sample_indices
 
-    device, deadline = world.device, Deadline(args.time_limit_s)
+    device, deadline = world.device, world.deadline
     started = time.perf_counter()
     # the stage's config: one sample per rank per step, ZeRO-3 over every rank, gate-only AdamW
     ds_config = zero.build_ds_config(micro_batch_size=1, grad_accum_steps=1, world_size=world.size,
                                      dtype=dtype_name(world.dtype), zero_stage=3, lr=SEARCH.lr,
                                      weight_decay=SEARCH.weight_decay, grad_clip=SEARCH.grad_clip)
     lm = build_model(args.gate_shape, world, args.seed, zero_ds_config=ds_config)
-    enable_checkpointing(lm)
+    enable_activation_checkpointing(lm)
     torch.manual_seed(args.seed)
     model = MorphableLM(lm, MorphConfig())
     model.gates.to(device)
@@ -371,9 +380,10 @@ def run_gate(args, world: World, report: Report) -> list[str]:
             report.row(kind="gate_grad_check", length=length, **check)
             tol = "<= 1e-5" if world.dtype == torch.float32 else "<= 0.02"
             report.ratio(Ratio(f"gate search @{format_length(length)}, first step: gate-logit gradient, ZeRO-3 "
-                               f"x{world.size} vs one process on the same {world.size} samples: max abs diff / max abs g",
-                               check["relative_max_difference"], tol,
-                               f"max abs g {check['max_abs_single']:.4g}, max abs diff {check['max_abs_difference']:.3g}; "
+                               f"x{world.size} vs one process on the same {world.size} samples: "
+                               "max abs diff / max abs g", check["relative_max_difference"], tol,
+                               f"max abs g {check['max_abs_single']:.4g}, "
+                               f"max abs diff {check['max_abs_difference']:.3g}; "
                                "the one-process gradient is the mean of per-rank gradients computed without "
                                "DeepSpeed (gate values fed as an input)"))
         report.row(kind="gate_search", length=length, steps=len(times), warmup=args.warmup, step_times_s=times,
@@ -393,8 +403,9 @@ def run_gate(args, world: World, report: Report) -> list[str]:
             expected = single * GIB - weights * (1 - 1 / world.size)
             report.ratio(Ratio(f"gate search {tag}: per-GPU peak x{world.size} / reported single-GPU peak",
                                ratio(measured, single * GIB), "",
-                               f"{gib(measured)} / {single:.2f} GiB (reported, not measured here); single-GPU minus "
-                               f"the {1 - 1 / world.size:.2f} of the bf16 weights ZeRO-3 moves away = {gib(expected)}"))
+                               f"{gib(measured)} / {single:.2f} GiB (reported, not measured here); that peak minus "
+                               f"the {1 - 1 / world.size:.2f} of the weights ZeRO-3 leaves to the other ranks = "
+                               f"{gib(expected)}"))
         report.ratio(Ratio(f"gate search {tag}, ZeRO-3 x{world.size}: step time (s)", step_s, "",
                            f"median of {len(timed_s)} after {args.warmup} warm-up; {world.size} samples of "
                            f"{format_length(length)} per step; gates after the last step: "
@@ -403,9 +414,10 @@ def run_gate(args, world: World, report: Report) -> list[str]:
     every = world.gather(final.tolist())
     spread = max(abs(a - b) for values in every for a, b in zip(values, every[0]))
     report.row(kind="gates", gate_logits_per_rank=every, max_abs_difference=spread)
-    report.ratio(Ratio(f"gate logits after {sum(len(h['gate_values_per_step']) for h in history)} steps: max abs(rank r - "
-                       "rank 0)", spread, "<= 0", f"{len(every[0])} gates on {world.size} ranks (ZeRO-3 keeps one "
-                       "partitioned tensor, so equal by construction; the gradient check is the real test)"))
+    steps_run = sum(len(h["gate_values_per_step"]) for h in history)
+    report.ratio(Ratio(f"gate logits after {steps_run} steps: max abs(rank r - rank 0)", spread, "<= 0",
+                       f"{len(every[0])} gates on {world.size} ranks (ZeRO-3 keeps one partitioned tensor, so equal "
+                       "by construction; the gradient check is the real test)"))
     engine.destroy()
     return [f"shape {args.gate_shape}, {dtype_name(world.dtype)}, built under zero.Init; MorphableLM (every layer "
             "mixed, gates at 0.88), activation checkpointing, ZeRO-3 over all ranks, gate-only AdamW lr "
@@ -454,7 +466,7 @@ def run_sp(args, world: World, report: Report) -> list[str]:
     from flashmorph.training import lora
     from flashmorph.training.distill_model import DistillModel
 
-    device, deadline = world.device, Deadline(args.time_limit_s)
+    device, deadline = world.device, world.deadline
     sp = world.size
     mesh = init_mesh(resolve_layout(1, sp, world.size))
     try:
@@ -466,7 +478,7 @@ def run_sp(args, world: World, report: Report) -> list[str]:
         apply_hybrid_layout(lm, modes, MorphConfig())
         lm.requires_grad_(False)
         install_sequence_parallel(lm, mesh.sp_group, 1)
-        enable_checkpointing(lm)
+        enable_activation_checkpointing(lm)
         linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
         student = lora.add_lora(lm, rank=DISTILL.lora_rank, alpha=DISTILL.lora_alpha, targets=DISTILL.lora_targets,
                                 layers=linear_layers)
@@ -509,9 +521,11 @@ def run_sp(args, world: World, report: Report) -> list[str]:
                            "before any optimizer step"))
 
         previous: tuple[int, float] | None = None
-        for length in args.sp_lengths:
+        for index, length in enumerate(args.sp_lengths):
             tag = f"SP={sp} distill @{format_length(length)}"
-            steps = args.warmup + args.iters
+            # only the first length warms up: fla's GLA kernels do not specialise or autotune on the sequence length,
+            # so after it a new length only grows the allocator's segments
+            steps = (args.warmup if index == 0 else 0) + args.iters
             if previous is not None:  # between linear (MLP) and quadratic (attention) growth
                 predicted = previous[1] * (length / previous[0]) ** 1.5
                 while steps > 1 and steps * predicted > deadline.left():
@@ -524,11 +538,11 @@ def run_sp(args, world: World, report: Report) -> list[str]:
                                                         f"{deadline.left():.0f} s left"))
                     continue
             steps = world.decide(steps)
-            warmup = min(args.warmup, steps - 1)
+            warmup = min(args.warmup if index == 0 else 0, steps - 1)
             report.set("in_progress", f"SP distill steps at {format_length(length)}")
             shard = shard_of(length, mesh.sp_rank, sp)
             scale = mesh.grad_divisor / length  # the stage's: per-rank token sums -> the step's mean per token
-            est = distill_estimate(config, world, length, "lora", modes.count("full"), sp=sp, args=args)
+            est = distill_estimate(args, config, world, length, "lora", modes.count("full"), sp=sp)
             kls, done = [], []  # done: (seconds, per-rank peaks) of every step at this length
 
             def distill_step():
@@ -550,6 +564,8 @@ def run_sp(args, world: World, report: Report) -> list[str]:
                          for r in range(world.size)]
                 which = (f"median of {len(measured)} after {warmup} warm-up" if len(done) > warmup else
                          "the warm-up step only: no timed step yet")
+                if index > 0:
+                    which = f"median of {len(measured)}; no warm-up at this length, kernels tuned at the first"
                 report.put(f"{length}/speed", Ratio(f"{tag}: tokens/s", length / step_s, "",
                                                     f"{step_s:.3f} s per step ({which}), one sequence of "
                                                     f"{format_length(length)} split over {sp} ranks"))
@@ -567,7 +583,7 @@ def run_sp(args, world: World, report: Report) -> list[str]:
             f"every layer softmax; tiled KL {args.token_chunk} tokens x {args.vocab_chunk} vocab; checkpointing; "
             "ZeRO-3 over the SP x DP group; random tokens, batch 1",
             "loss check: the same engine before any optimizer step, SP installed vs uninstalled (each rank then "
-            "computes the whole sequence; ZeRO-3 still gathers the weights over both ranks)"]
+            "computes the whole sequence; ZeRO-3 still gathers the weights over both ranks)", BF16_TOLERANCE_NOTE]
 
 
 # ------------------------------------------------------------------------------------------------ 4: tensor parallel
@@ -582,7 +598,7 @@ def run_tp(args, world: World, report: Report) -> list[str]:
     from flashmorph.parallel.tensor import apply_tensor_parallel
     from flashmorph.training.distill_model import DistillModel
 
-    device, deadline = world.device, Deadline(args.time_limit_s)
+    device, deadline = world.device, world.deadline
     tp = world.size
     mesh = init_mesh(resolve_layout(tp, 1, world.size))
     try:
@@ -598,7 +614,7 @@ def run_tp(args, world: World, report: Report) -> list[str]:
         student.requires_grad_(False)
         apply_layer_modes(teacher, MorphConfig(), ["full"] * layers)
         teacher.requires_grad_(False)
-        enable_checkpointing(student)
+        enable_activation_checkpointing(student)
         linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
         for idx in linear_layers:  # the stage's "linear" set; apply_tensor_parallel carries requires_grad over
             attn = student.model.layers[idx].self_attn
@@ -658,7 +674,7 @@ def run_tp(args, world: World, report: Report) -> list[str]:
         norm_rel = max(abs(f[1] - f[3]) / max(abs(f[3]), 1e-30) for f in first)
         timed_s = times[1 + args.warmup:]
         step_s = sorted(timed_s)[len(timed_s) // 2] if timed_s else None
-        est = distill_estimate(config, world, length, "linear", modes.count("full"), tp=tp, args=args)
+        est = distill_estimate(args, config, world, length, "linear", modes.count("full"), tp=tp)
         report.row(kind="tp_distill", length=length, first_step_per_rank=[
             {"kl_tp": f[0], "grad_norm_tp": f[1], "kl_tp1": f[2], "grad_norm_tp1": f[3]} for f in first],
             kl_relative_difference=kl_rel, grad_norm_relative_difference=norm_rel, step_times_s=times, step_s=step_s,
@@ -685,7 +701,8 @@ def run_tp(args, world: World, report: Report) -> list[str]:
             "TP=1 reference: every rank runs the unsplit student and teacher on the same tokens before the swap; "
             "its backward gives the gradient norm the engine's first step must reproduce (DeepSpeed's norm before "
             f"clipping at {DISTILL.grad_clip:g})",
-            f"TP x DP needs {2 * tp}+ ranks; with {world.size} ranks only TP={tp} x DP=1 runs here"]
+            f"TP x DP needs {2 * tp}+ ranks; with {world.size} ranks only TP={tp} x DP=1 runs here",
+            BF16_TOLERANCE_NOTE]
 
 
 RUNNERS = {"nccl": run_nccl, "gate": run_gate, "sp": run_sp, "tp": run_tp}
@@ -794,23 +811,34 @@ def main(argv: list[str] | None = None) -> None:
 
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("error: no CUDA device; run on a GPU node, or pass --smoke for the CPU run")
+    deadline = Deadline(args.time_limit_s)  # counts the start-up too: the launch's limit is what binds
+    info = distributed.init_distributed()
     try:
-        with distributed.distributed_session() as info:
-            dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-            world = World(info, dtype)
-            for step in args.steps:
-                args.shape_name = {"gate": args.gate_shape, "sp": args.sp_shape, "tp": args.tp_shape}.get(step)
-                report = Report(step, args, world, argv)
-                started = time.perf_counter()
-                if world.is_main:
-                    print(f"== {step} ({world.size} ranks)", flush=True)
-                notes = RUNNERS[step](args, world, report)
-                report.set("seconds", time.perf_counter() - started)
-                report.finish(notes)
-                free_memory(world.device)
-    finally:
+        dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+        world = World(info, dtype, deadline)
+        for step in args.steps:
+            args.shape_name = {"gate": args.gate_shape, "sp": args.sp_shape, "tp": args.tp_shape}.get(step)
+            report = Report(step, args, world, argv)
+            report.set("in_progress", "building the model and engine" if step != "nccl" else "collectives")
+            started = time.perf_counter()
+            if world.is_main:
+                print(f"== {step} ({world.size} ranks)", flush=True)
+            notes = RUNNERS[step](args, world, report)
+            report.set("seconds", time.perf_counter() - started)
+            report.finish(notes)
+            free_memory(world.device)
+    except BaseException:
+        # a failed rank (out of memory, the launch's time limit) must not wait in destroy_process_group for peers
+        # stuck in a collective: exit at once, so torchrun stops the others; every finished row is already on disk
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
+        os._exit(1)
+    distributed.destroy_distributed()  # without it gloo ranks sometimes abort at exit (DESIGN: traps)
+    if pid_file is not None:
+        pid_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

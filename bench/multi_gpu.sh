@@ -12,6 +12,8 @@
 #   smoke  the same steps with --smoke in ONE launch (tiny shapes, CPU, gloo): checks this script and the code
 # All launches share one deadline, BENCH_DEADLINE_S seconds from the start (default 520, for a 9-minute call);
 # a launch that would pass it is cut short and the ones after it are skipped. bench/multi_gpu.py --help: the steps.
+# MULTI_GPU_STEPS picks launches ("sp tp": only those); BENCH_SAVE_TRITON_CACHE=1 writes $OUT/triton_cache.tgz
+# (if under 15 MiB) to put at .bench_cache/triton_cache.tgz for the next fresh machine, as run_gpu.sh does.
 # MULTI_GPU_ARGS adds arguments to every launch (e.g. "--gate-lengths 8K,32K"; "--smoke" runs the gpu sequence of
 # launches on tiny shapes, which is how the launch logic was checked on CPU).
 # Without fla on the node, wheelhouse/ is installed into /tmp/flashmorph-site first, offline (as run_gpu.sh does).
@@ -33,6 +35,7 @@ mkdir -p "$OUT"
 LOG=$OUT/multi_gpu.log
 export PYTHON=${PYTHON:-python3}  # install_wheelhouse.sh uses the same interpreter
 NPROC=${NPROC:-2}
+STEPS=${MULTI_GPU_STEPS:-nccl gate sp tp}  # gpu mode: which launches run (e.g. "tp" to rerun only the last)
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # NVLink multicast off, as the device notes ask
@@ -111,15 +114,33 @@ launch() {  # name limit_s steps [extra args...]: one torchrun launch of bench/m
     STATUS+=("$name: exit $rc after $(( $(date +%s) - start ))s$( ((rc == 124 || rc == 137)) && echo ' (time limit)')")
 }
 
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
 if [[ $MODE == smoke ]]; then
     launch "smoke: nccl, gate, sp, tp" 300 nccl,gate,sp,tp
 else
-    launch "1 nccl" 60 nccl
-    launch "2 gate search (8B, ZeRO-3, 8K)" 200 gate --gate-lengths 8K --gate-steps 3
-    launch "3 sequence parallel (8B hybrid, 32K, 128K)" 220 sp --sp-compare-length 8K --sp-lengths 32K,128K \
-        --warmup 1 --iters 1
+    # one launch for steps 1 and 2 spares a start-up (~20 s); the nccl JSON is complete before gate search begins
+    first=()
+    wanted nccl && first+=(nccl)
+    wanted gate && first+=(gate)
+    if (( ${#first[@]} )); then
+        launch "1 nccl + 2 gate search (8B, ZeRO-3, 8K)" 230 "$(IFS=,; echo "${first[*]}")" \
+            --gate-lengths 8K --gate-steps 3
+    fi
+    # 32K: one warm-up and one timed step; 128K: one step, no warm-up (fla does not retune for a new length)
+    wanted sp && launch "3 sequence parallel (8B hybrid, 32K, 128K)" 220 sp --sp-compare-length 8K \
+        --sp-lengths 32K,128K --warmup 1 --iters 1
     # megatron overlaps its TP all-reduce with the weight-gradient GEMM only with one device connection
-    CUDA_DEVICE_MAX_CONNECTIONS=1 launch "4 tensor parallel (1B hybrid, 8K)" 150 tp --tp-length 8K --warmup 1 --iters 3
+    wanted tp && CUDA_DEVICE_MAX_CONNECTIONS=1 launch "4 tensor parallel (1B hybrid, 8K)" 150 tp --tp-length 8K \
+        --warmup 1 --iters 3
+fi
+
+if [[ ${BENCH_SAVE_TRITON_CACHE:-0} == 1 && -d $TRITON_CACHE_DIR ]]; then  # for a later fresh machine
+    tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
+    if (( $(stat -c %s "$OUT/triton_cache.tgz") > 15 * 1024 * 1024 )); then
+        rm -f "$OUT/triton_cache.tgz"
+        log "== the Triton cache is over 15 MiB packed; not saved"
+    fi
 fi
 
 "$PYTHON" bench/multi_gpu.py --summary --out "$OUT" > "$OUT/multi_gpu.md" 2>>"$LOG"
