@@ -24,6 +24,10 @@ class ModelConfig:
     dtype: str = "bfloat16"  # weights/activations dtype: float32, bfloat16 or float16
     activation_checkpointing: bool = False  # recompute decoder layers in backward (needed at long context)
 
+    def validate_dtype(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is unknown; use one of {DTYPES}")
+
 
 @dataclass
 class TeacherConfig:
@@ -74,11 +78,21 @@ class ParallelConfig:
     tensor_parallel: int = 1  # megatron-core TP degree (must divide heads)
     layouts: dict[int, LayoutConfig] = field(default_factory=dict)  # GPU count -> degrees; wins over the two above
 
+    def validate_deepspeed(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"parallel.deepspeed_config={self.deepspeed_config} does not exist; give a DeepSpeed JSON file or null")
+
 
 @dataclass
 class RunConfig:
     run_dir: str = "runs/gate_search"  # every output of the run goes here
     seed: int = 0  # global seed (gate init is deterministic; data has its own seed)
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("run.run_dir is empty; set it to the directory for this run's outputs")
 
 
 @dataclass
@@ -219,10 +233,8 @@ def num_full_layers(budget: int | float, num_layers: int) -> int:
 def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
     """Raise ConfigError on the first problem; returns the model shape it read. Builds nothing."""
     run, model, search, parallel = recipe.run, recipe.model, recipe.search, recipe.parallel
-    if not run.run_dir:
-        raise ConfigError("run.run_dir is empty; set it to the directory for this run's outputs")
-    if model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={model.dtype!r} is unknown; use one of {DTYPES}")
+    run.validate()
+    model.validate_dtype()
     if model.path is not None and not Path(model.path).is_dir():
         raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory or null for the embedded teacher")
     recipe.morph.validate()
@@ -245,10 +257,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0")
     if search.lr <= 0:
         raise ConfigError(f"search.lr={search.lr} must be > 0")
-    if parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3")
-    if parallel.deepspeed_config is not None and not Path(parallel.deepspeed_config).is_file():
-        raise ConfigError(f"parallel.deepspeed_config={parallel.deepspeed_config} does not exist; give a DeepSpeed JSON file or null")
+    parallel.validate_deepspeed()
     sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
     if sp < 1 or tp < 1:
         raise ConfigError("parallel.sequence_parallel and parallel.tensor_parallel must be >= 1")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashmorph.config import DTYPES, ModelConfig, ParallelConfig, RunConfig, model_shape
+from flashmorph.config import ModelConfig, ParallelConfig, RunConfig, model_shape
 from flashmorph.data.config import DataConfig
 from flashmorph.data.text_config import TextDataConfig
 from flashmorph.errors import ConfigError
@@ -78,18 +78,16 @@ class DistillRecipe:
 
 def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> dict[str, int]:
     """Raise ConfigError on the first problem; returns the model shape. Reads config.json and hybrid.json only."""
-    from flashmorph.parallel.mesh import check_layout_for_model, resolve_layout
+    from flashmorph.parallel.mesh import check_layout_for_model, layout_from_config
 
     run, model, student, distill, parallel = recipe.run, recipe.model, recipe.student, recipe.distill, recipe.parallel
-    if not run.run_dir:
-        raise ConfigError("run.run_dir is empty; set it to the directory for this run's outputs")
+    run.validate()
     if model.path is None:
         raise ConfigError("model.path is null; distillation needs the original model (for the embedded default: "
                           "<gate search run>/teacher)")
     if not Path(model.path).is_dir():
         raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory")
-    if model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={model.dtype!r} is unknown; use one of {DTYPES}")
+    model.validate_dtype()
     if student.layout is None:
         raise ConfigError("student.layout is null; give the hybrid.json written by tools/discretize_gates.py")
     if not Path(student.layout).is_file():
@@ -102,18 +100,14 @@ def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> dict[
     shape = model_shape(recipe)
     read_layout(student.layout, shape["num_layers"])  # one-line error if it does not fit the model
     _validate_distill(distill)
-    tp, sp = effective_parallel(parallel, world_size)
-    if parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 0, 1, 2 or 3")
-    if parallel.deepspeed_config is not None and not Path(parallel.deepspeed_config).is_file():
-        raise ConfigError(f"parallel.deepspeed_config={parallel.deepspeed_config} does not exist; give a DeepSpeed JSON file or null")
-    layout = resolve_layout(tp, sp, world_size)
+    parallel.validate_deepspeed()
+    layout = layout_from_config(parallel, world_size)
     for seq_len in ([s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]):
         check_layout_for_model(layout, num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"],
                                hidden_size=shape["hidden_size"], intermediate_size=shape.get("intermediate_size"),
                                seq_len=seq_len)
-    if tp > 1 and distill.trainable == "lora":
-        raise ConfigError(f"distill.trainable=lora with parallel.tensor_parallel={tp}: peft adapters do not wrap megatron's "
+    if layout.tensor > 1 and distill.trainable == "lora":
+        raise ConfigError(f"distill.trainable=lora with parallel.tensor_parallel={layout.tensor}: peft adapters do not wrap megatron's "
                           "parallel layers here; use trainable=linear or full with TP, or tensor_parallel=1 with LoRA")
     for stage_len in [s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]:
         dataclasses.replace(recipe.data, seq_len=stage_len).validate()
@@ -147,10 +141,3 @@ def _validate_distill(d: DistillConfig) -> None:
                               f"(got seq_len={stage.seq_len}, steps={stage.steps})")
         previous = stage.seq_len
 
-
-def effective_parallel(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(tensor, sequence) degrees for this world size: a `parallel.layouts` entry for it wins over the defaults."""
-    chosen = parallel.layouts.get(world_size)
-    if chosen is None:
-        return parallel.tensor_parallel, parallel.sequence_parallel
-    return chosen.tensor_parallel, chosen.sequence_parallel

@@ -44,9 +44,8 @@ def test_every_shipped_recipe_loads():
 
 def test_every_recipe_layout_fits_its_model():
     """Each GPU count a recipe names gets TP x SP degrees that divide the GPUs and the published model shape."""
-    from flashmorph.distill_config import effective_parallel
     from flashmorph.estimate import PRESETS
-    from flashmorph.parallel.mesh import check_layout_for_model, resolve_layout
+    from flashmorph.parallel.mesh import check_layout_for_model, layout_from_config
 
     checked = 0
     for path in sorted((ROOT / "recipes").glob("*_*b_*.yaml")):
@@ -55,8 +54,7 @@ def test_every_recipe_layout_fits_its_model():
         shape = PRESETS[f"{family}-{size}"]
         lengths = [s.seq_len for s in getattr(getattr(recipe, "distill", None), "length_schedule", [])]
         for gpus in recipe.parallel.layouts:
-            tp, sp = effective_parallel(recipe.parallel, gpus)
-            layout = resolve_layout(tp, sp, gpus)
+            layout = layout_from_config(recipe.parallel, gpus)
             for seq_len in lengths or [recipe.data.seq_len]:
                 check_layout_for_model(layout, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
                                        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,

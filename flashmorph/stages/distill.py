@@ -21,12 +21,12 @@ from flashmorph.data.from_model import data_for_model
 from flashmorph.data.length_schedule import LengthSchedule
 from flashmorph.data.mixture import text_retrieval_mixture
 from flashmorph.data.packed_text import PackedTextDataset
-from flashmorph.distill_config import DistillRecipe, effective_parallel, validate_distill_recipe
+from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
 from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import apply_layer_modes
 from flashmorph.parallel import distributed, zero
-from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh, resolve_layout
+from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh, layout_from_config
 from flashmorph.run_dir import prepare_run_dir, setup_file_logging
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training import lora
@@ -154,9 +154,7 @@ def run_distill(recipe: DistillRecipe, info: distributed.DistInfo, resume: bool 
     and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
     """
     shape = validate_distill_recipe(recipe, info.world_size)
-    cfg = recipe.distill
-    tp, sp = effective_parallel(recipe.parallel, info.world_size)
-    mesh = init_mesh(resolve_layout(tp, sp, info.world_size))
+    mesh = init_mesh(layout_from_config(recipe.parallel, info.world_size))
     try:
         return _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption)
     finally:
