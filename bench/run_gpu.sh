@@ -31,34 +31,11 @@ cd "$ROOT"
 OUT=${OUT:-$ROOT/runs/bench_gpu}
 mkdir -p "$OUT"
 LOG=$OUT/run_gpu.log
-export PYTHON=${PYTHON:-python3}  # install_wheelhouse.sh uses the same interpreter
 SHAPE=${BENCH_SHAPE:-llama3-8b}
-export PYTHONUNBUFFERED=1
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # 128K prefill: less fragmentation
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$ROOT/.bench_cache/triton}
+source "$ROOT/bench/gpu_env.sh"
 STATUS=()
 
-log() { echo "$*" | tee -a "$LOG"; }
-
-if [[ -f $ROOT/.bench_cache/triton_cache.tgz && ! -d $TRITON_CACHE_DIR ]]; then
-    mkdir -p "$TRITON_CACHE_DIR" && tar -xzf "$ROOT/.bench_cache/triton_cache.tgz" -C "$TRITON_CACHE_DIR"
-    log "== restored the Triton cache from .bench_cache/triton_cache.tgz"
-fi
-
-if [[ -d /tmp/flashmorph-site/fla ]]; then  # installed by an earlier call on this (still warm) machine
-    export PYTHONPATH=/tmp/flashmorph-site:$PYTHONPATH
-fi
-if ! "$PYTHON" -c "import fla" >/dev/null 2>&1; then
-    if [[ ! -f $ROOT/wheelhouse/requirements.txt ]]; then
-        log "error: fla does not import and there is no wheelhouse/; build one with scripts/build_wheelhouse.sh"
-        exit 1
-    fi
-    log "== installing wheelhouse/ into /tmp/flashmorph-site"
-    bash scripts/install_wheelhouse.sh --target /tmp/flashmorph-site 2>&1 | tee -a "$LOG"
-    export PYTHONPATH=/tmp/flashmorph-site:$PYTHONPATH
-    "$PYTHON" -c "import fla, flashmorph" || { log "error: fla still does not import"; exit 1; }
-fi
+prepare_node
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, transformers
 print(f"== {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE'}; "
