@@ -13,46 +13,32 @@ import sys
 
 from flashmorph.config import load_recipe
 from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
-from flashmorph.errors import ConfigError, FlashMorphError
-from flashmorph.parallel.distributed import distributed_session
+from flashmorph.errors import ConfigError
+from flashmorph.launch import run_stage, stage_parser
 from flashmorph.stages.distill import run_distill
-from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
 
 
 def parse_args(argv=None, description: str = "Distill a hybrid student from its original model.") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/embedded_distill.yaml")
-    parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one recipe field (repeatable), e.g. --override distill.steps=100")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    return parser.parse_args(argv)
+    return stage_parser(description, "recipes/embedded_distill.yaml", "distill.steps=100").parse_args(argv)
 
 
 def main(argv=None, stage: str = "distill") -> int:
     args = parse_args(argv, None if stage == "distill" else "Long-context finetune of a distilled hybrid.")
-    try:
+
+    def prepare():
         recipe = load_recipe(args.config, args.override, cls=DistillRecipe)
         # before any process group, model or file exists: the launcher already fixed the world size
         validate_distill_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         if stage == "long_context" and not recipe.distill.length_schedule:
             raise ConfigError("distill.length_schedule is empty; the long-context stage needs a length curriculum, "
                               "e.g. [{seq_len: 8192, steps: 200}, {seq_len: 32768, steps: 100}]")
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        with distributed_session() as info, PreemptionGuard() as guard:
-            run_distill(recipe, info, resume=args.resume, show_progress=not args.no_progress, stage=stage,
-                        preemption=guard)
-    except Preempted as stop:
-        print(f"preempted: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return recipe
+
+    def run(recipe, info, guard):
+        run_distill(recipe, info, resume=args.resume, show_progress=not args.no_progress, stage=stage,
+                    preemption=guard)
+
+    return run_stage(prepare, run)
 
 
 if __name__ == "__main__":

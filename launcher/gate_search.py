@@ -11,41 +11,27 @@ import argparse
 import sys
 
 from flashmorph.config import load_recipe, validate_recipe
-from flashmorph.errors import FlashMorphError
-from flashmorph.parallel.distributed import distributed_session
+from flashmorph.launch import run_stage, stage_parser
 from flashmorph.stages.gate_search import run_gate_search
-from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the per-layer softmax/linear gates of a morphed model.")
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/embedded.yaml")
-    parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one recipe field (repeatable), e.g. --override search.steps=100")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    return parser.parse_args(argv)
+    return stage_parser("Train the per-layer softmax/linear gates of a morphed model.", "recipes/embedded.yaml",
+                        "search.steps=100").parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def prepare():
         recipe = load_recipe(args.config, args.override)
         validate_recipe(recipe)  # before any process group, model or file exists
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        with distributed_session() as info, PreemptionGuard() as guard:
-            run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress, preemption=guard)
-    except Preempted as stop:
-        print(f"preempted: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return recipe
+
+    def run(recipe, info, guard):
+        run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress, preemption=guard)
+
+    return run_stage(prepare, run)
 
 
 if __name__ == "__main__":

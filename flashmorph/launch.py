@@ -1,0 +1,43 @@
+"""What every stage entry point shares: its arguments, validation before any process group, and exit codes.
+
+Exit codes: 0 done, 2 bad recipe or unusable run directory, 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
+after saving a complete checkpoint (rerun with --resume); anything else is a crash.
+"""
+
+import argparse
+import sys
+
+from flashmorph.errors import FlashMorphError
+from flashmorph.parallel.distributed import distributed_session
+from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
+
+
+def stage_parser(description: str, example_recipe: str, example_override: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=f"recipe YAML, e.g. {example_recipe}")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help=f"override one recipe field (repeatable), e.g. --override {example_override}")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser
+
+
+def run_stage(prepare, run) -> int:
+    """prepare() loads and validates the recipe (before any process group, model or file exists);
+    run(recipe, info, guard) runs the stage inside the distributed session and a preemption guard."""
+    try:
+        recipe = prepare()
+    except FlashMorphError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with distributed_session() as info, PreemptionGuard() as guard:
+            run(recipe, info, guard)
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except FlashMorphError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
