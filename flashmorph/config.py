@@ -16,6 +16,8 @@ from flashmorph.model.hf_dir import read_model_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 REGULARIZERS = ("mean", "budget")
+TEACHER_DEVICES = ("auto", "cpu", "cuda")
+MIN_TEXT_VOCAB = 6 + 6 * 256  # synthetic token space: ~1/6 of the non-special ids are filler, text needs 256 of them
 
 
 @dataclass
@@ -45,6 +47,14 @@ class TeacherConfig:
     warmup_steps: int = 100  # linear warm-up steps
     eval_samples: int = 512  # held-out samples for the reported accuracy
     seed: int = 0  # init and data seed
+    device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu" or "cuda"; bf16 autocast on cuda
+    text_batch_size: int = 0  # stdlib-source text windows per step beside the retrieval batch (0 = retrieval only)
+    text_seq_len: int = 128  # tokens per text window (one UTF-8 byte = one token; needs vocab_size >= 1542)
+    text_steps: int = 0  # text-only steps before the curriculum, so copy/induction heads form first
+    intermediate_size: int | None = None  # MLP width (null = 4 x hidden_size)
+    log_every: int = 100  # steps between progress log lines (also with --no-progress)
+    checkpoint_every: int = 500  # steps between resumable checkpoints in <teacher dir>/checkpoints (0 = none)
+    require_complete: bool = True  # refuse (exit 3) to hand gate search a teacher whose curriculum never finished
 
 
 @dataclass
@@ -290,3 +300,17 @@ def validate_teacher(teacher: TeacherConfig) -> None:
         raise ConfigError("teacher.max_steps_per_stage and teacher.batch_size must be >= 1")
     if not 0.0 < teacher.advance_accuracy <= 1.0:
         raise ConfigError(f"teacher.advance_accuracy={teacher.advance_accuracy} must be in (0, 1]; e.g. 0.9")
+    if teacher.device not in TEACHER_DEVICES:
+        raise ConfigError(f"teacher.device={teacher.device!r} is unknown; use one of {TEACHER_DEVICES}")
+    if min(teacher.text_batch_size, teacher.text_steps, teacher.log_every - 1, teacher.checkpoint_every) < 0:
+        raise ConfigError("teacher.text_batch_size, text_steps and checkpoint_every must be >= 0, log_every >= 1")
+    uses_text = teacher.text_batch_size > 0 or teacher.text_steps > 0
+    if uses_text and teacher.text_batch_size < 1:
+        raise ConfigError("teacher.text_steps > 0 needs teacher.text_batch_size >= 1 (text windows per step)")
+    if uses_text and teacher.text_seq_len < 2:
+        raise ConfigError(f"teacher.text_seq_len={teacher.text_seq_len} must be >= 2 tokens")
+    if uses_text and teacher.vocab_size < MIN_TEXT_VOCAB:
+        raise ConfigError(f"teacher.vocab_size={teacher.vocab_size} maps several bytes onto one token; use >= "
+                          f"{MIN_TEXT_VOCAB} with teacher text, so each of the 256 bytes gets its own id")
+    if teacher.intermediate_size is not None and teacher.intermediate_size < 1:
+        raise ConfigError(f"teacher.intermediate_size={teacher.intermediate_size} must be >= 1 or null")

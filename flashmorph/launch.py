@@ -1,6 +1,7 @@
 """What every stage entry point shares: its arguments, validation before any process group, and exit codes.
 
-Exit codes: 0 done, 2 bad recipe or unusable run directory, 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
+Exit codes: 0 done, 2 bad recipe or unusable run directory, 3 the embedded teacher never finished its curriculum
+(TeacherNotReady; see teacher.require_complete), 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
 after saving a complete checkpoint (rerun with --resume); anything else is a crash.
 """
 
@@ -39,5 +40,5 @@ def run_stage(prepare, run) -> int:
         return PREEMPTED_EXIT_CODE
     except FlashMorphError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     return 0

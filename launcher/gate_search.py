@@ -3,8 +3,9 @@
     deepspeed --num_gpus 8 launcher/gate_search.py --config recipes/llama3_8b_gate_search.yaml
     python launcher/gate_search.py --config recipes/embedded.yaml          # one process (CPU or 1 GPU)
 
-Exit codes: 0 done, 2 bad recipe or unusable run directory, 75 stopped by SIGTERM/SIGUSR1 after saving a
-complete checkpoint (rerun with --resume); anything else is a crash.
+Exit codes: 0 done, 2 bad recipe or unusable run directory, 3 the embedded teacher never finished its curriculum
+(see teacher.require_complete), 75 stopped by SIGTERM/SIGUSR1 after saving a complete checkpoint (rerun with
+--resume); anything else is a crash.
 """
 
 import argparse

@@ -105,17 +105,19 @@ def broadcast_object(obj, src: int = 0):
 
 
 def run_on_main(fn, info: DistInfo):
-    """Run `fn()` on rank 0 only, then barrier. A FlashMorphError there is raised on every rank, so a bad
-    run directory or a failed teacher stops the whole job instead of leaving the other ranks at a barrier."""
+    """Run `fn()` on rank 0 only, then barrier. A FlashMorphError or a preemption there is raised on every rank (same
+    type, same message), so a bad run directory, a failed teacher or a SIGTERM stops the whole job instead of leaving
+    the other ranks at a barrier."""
     from flashmorph.errors import FlashMorphError
+    from flashmorph.training.preemption import Preempted
 
     result, error = None, None
     if info.is_main:
         try:
             result = fn()
-        except FlashMorphError as err:
-            error = str(err)
+        except (FlashMorphError, Preempted) as err:
+            error = err
     error = broadcast_object(error)
     if error is not None:
-        raise FlashMorphError(error)
+        raise error
     return result

@@ -18,7 +18,7 @@ from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
 from flashmorph.run_dir import prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
-from flashmorph.stages.teacher import train_teacher
+from flashmorph.stages.teacher import require_teacher, train_teacher
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training.batches import sample_indices
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
@@ -53,13 +53,15 @@ def reg_lambda(step: int, weight: float, warmup_steps: int) -> float:
     return weight * min(1.0, (step + 1) / warmup_steps)
 
 
-def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info,
-                       show_progress: bool) -> tuple[Path, dict | None]:
+def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info, show_progress: bool,
+                       preemption: PreemptionGuard | None) -> tuple[Path, dict | None]:
     if recipe.model.path is not None:
         return Path(recipe.model.path), None
     teacher_dir = run_dir / "teacher"
-    distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir, show_progress), info)
-    return teacher_dir, json.loads((teacher_dir / "teacher_report.json").read_text())
+    distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir, show_progress, preemption), info)
+    report = json.loads((teacher_dir / "teacher_report.json").read_text())
+    require_teacher(report, recipe.teacher, teacher_dir)  # TeacherNotReady (exit 3) before any gate is trained
+    return teacher_dir, report
 
 
 def _save_checkpoint(engine, root: Path, step: int, accuracy: float, keep_last: int, info) -> None:
@@ -84,7 +86,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     run_dir = Path(recipe.run.run_dir)
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
     setup_file_logging(run_dir, info.rank)
-    model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info, show_progress)
+    model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info, show_progress, preemption)
     space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
     dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
@@ -200,6 +202,10 @@ def format_summary(summary: dict) -> str:
     if teacher:
         lines.append(f"teacher recall: {100 * teacher['recall_accuracy']:.1f}% on {teacher['num_pairs']} pairs "
                      f"(chance {100 * teacher['chance_accuracy']:.1f}%)")
+        if not teacher.get("curriculum_complete", True):
+            stalled = [s["num_pairs"] for s in teacher["stages"] if not s["advanced"]]
+            lines.append(f"WARNING: the teacher's curriculum never finished (stalled at {stalled} pairs); these gates "
+                         "rank the layers of a model that does not retrieve reliably")
         if teacher["recall_accuracy"] < WEAK_TEACHER_RECALL:
             lines.append("warning: the teacher barely retrieves, so the gates have little to defend; "
                          "rerun with --override teacher.seed=1 (and a fresh run.run_dir)")
