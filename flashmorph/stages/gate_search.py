@@ -75,8 +75,12 @@ def _resume(engine, root: Path, info) -> tuple[int, float]:
 
 
 def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume: bool = False,
-                    show_progress: bool = True, preemption: PreemptionGuard | None = None) -> GateSearchResult:
+                    show_progress: bool = True, preemption: PreemptionGuard | None = None,
+                    dataset=None) -> GateSearchResult:
     """Train the gates of a morphed model; writes gates.safetensors and summary.json into run.run_dir.
+
+    `dataset` replaces the retrieval stream built from recipe.data: anything whose `batch(indices)` gives input_ids
+    and labels of data.seq_len tokens (e.g. a retrieval/text mixture); the loss covers every labelled token.
 
     With `preemption`, a stop signal on any rank ends the run after the current step with a complete
     checkpoint and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
@@ -87,8 +91,9 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
     setup_file_logging(run_dir, info.rank)
     model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info, show_progress, preemption)
-    space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
-    dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
+    if dataset is None:
+        space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
+        dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
     ds_config = zero.build_ds_config(
         micro_batch_size=search.micro_batch_size, grad_accum_steps=search.grad_accum_steps,
