@@ -23,6 +23,13 @@ def _versions() -> dict:
     return collect_versions()
 
 
+def _corpus() -> dict:
+    """Which stdlib text scored perplexity (and trained NLL scoring / distillation): it differs by Python version."""
+    from flashmorph.data.stdlib_corpus import corpus_info
+
+    return {split: corpus_info(split) for split in ("train", "eval")}
+
+
 def method_rows(parts: dict, budgets: list[int]) -> dict:
     """{k: [row per method]}: layers, recall before/after distillation, exhaustive rank, selection cost."""
     baselines = parts.get("baselines")
@@ -77,7 +84,7 @@ def build_results(cfg: ExperimentConfig, shape: dict) -> dict:
     devices = sorted({p["_device"] for p in parts.values() if p and p.get("_device")})
     return {
         "meta": {"written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "devices": devices, "versions": _versions(),
+                 "devices": devices, "versions": _versions(), "text": _corpus(),
                  "wall_seconds": {p: d.get("_wall_seconds") for p, d in parts.items() if d},
                  "part_dates": {p: d.get("_date") for p, d in parts.items() if d},
                  "complete": [p for p in PARTS if parts[p]], "missing": [p for p in PARTS if not parts[p]]},
@@ -125,7 +132,12 @@ def to_markdown(results: dict) -> str:
              f"torch {versions.get('torch')}, transformers {versions.get('transformers')}",
              f"- teacher: {results['shape']['num_layers']} layers; budgets (full-attention layers): {results['budgets']}",
              f"- wall seconds per part: " + ", ".join(f"{p} {s}" for p, s in meta["wall_seconds"].items()),
-             f"- parts missing: {', '.join(meta['missing']) or 'none'}", ""]
+             f"- parts missing: {', '.join(meta['missing']) or 'none'}"]
+    text = meta.get("text", {}).get("eval")
+    if text:
+        lines.append(f"- held-out text for perplexity: {text['corpus']} ({text['split']} split, {text['documents']} "
+                     f"documents, {text['bytes']} bytes, Python {text['python']}; {text['licence']})")
+    lines.append("")
     teacher = (parts.get("teacher") or {}).get("report") or {}
     teacher_eval = (parts.get("evaluate") or {}).get("teacher")
     lines += ["## Teacher (all softmax)", "",
