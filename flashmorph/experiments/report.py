@@ -140,9 +140,11 @@ def to_markdown(results: dict) -> str:
     lines.append("")
     teacher = (parts.get("teacher") or {}).get("report") or {}
     teacher_eval = (parts.get("evaluate") or {}).get("teacher")
+    trained = (f"recall {_pct(teacher['recall_accuracy'])}% on {teacher.get('num_pairs')} pairs, curriculum complete: "
+               f"{teacher.get('curriculum_complete')}" if teacher.get("recall_accuracy") is not None
+               else "none found next to the teacher")
     lines += ["## Teacher (all softmax)", "",
-              f"- training report: recall {_pct(teacher.get('recall_accuracy'))}% on {teacher.get('num_pairs')} pairs, "
-              f"curriculum complete: {teacher.get('curriculum_complete')}",
+              f"- training report: {trained}",
               f"- recall at {' / '.join(map(str, lengths))} tokens: {_recalls(teacher_eval, lengths)} %; "
               f"held-out text perplexity {_ppl(teacher_eval)}", ""]
     length_head = "/".join(f"{m}x" for m in cfg["evaluation"]["length_multipliers"])
