@@ -5,6 +5,7 @@
 #                                              # teacher, start the experiment on it; state -> OUT/state.tgz.part*
 #   bash bench/selection_gpu.sh continue OUT   # unpack .gpu_state/state.tgz.part* and continue the experiment
 #
+# PARTS (e.g. search,baselines,evaluate,exhaustive) limits the experiment to some parts.
 # Minutes are set by SWEEP_MINUTES (default 4) and EXPERIMENT_MINUTES (default 3.5 in `first`, 8 in `continue`).
 # The state (the chosen teacher, stored in bf16 so that it travels in < 64 MiB, and every cached part of the
 # experiment without its large files) is split into 15 MiB pieces, the size the device returns per file.
@@ -55,7 +56,7 @@ else
 fi
 
 "$PYTHON" -m flashmorph.experiments.selection --config "$ROOT/recipes/experiments/selection.yaml" \
-    --override "teacher_dir=$TEACHER" --out "$EXP" --max-minutes "$MINUTES" 2>&1 | tee -a "$LOG"
+    --override "teacher_dir=$TEACHER" --out "$EXP" --max-minutes "$MINUTES" ${PARTS:+--only "$PARTS"} 2>&1 | tee -a "$LOG"
 CODE=${PIPESTATUS[0]}
 log "== experiment exit code $CODE"
 cp "$EXP/results.json" "$EXP/report.md" "$OUT/" 2>/dev/null

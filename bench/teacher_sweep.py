@@ -53,6 +53,8 @@ def _run_variant(name: str, fields: dict, out_dir: str, seconds: float, queue) -
         progress = json.loads((stop.checkpoint / "progress.json").read_text())
         result = {"finished": False, "train_steps": progress["step"], "stages": progress["stages"],
                   "stage_in_progress": progress["stage"], "running_recall": progress["running"]}
+    except Exception as err:  # a crashed variant is reported, never left for the parent to wait on forever
+        result = {"finished": False, "error": repr(err), "train_steps": 0, "stages": []}
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     result["steps_per_s"] = round(result["train_steps"] / result["wall_seconds"], 2)
     result["config"] = dataclasses.asdict(teacher)

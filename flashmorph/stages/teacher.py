@@ -78,7 +78,7 @@ def recall_accuracy(model, dataset: RetrievalDataset, num_samples: int, batch_si
     with _autocast(device):
         for start in range(0, num_samples, batch_size):
             batch = dataset.batch(range(start, min(start + batch_size, num_samples)))
-            hits, tokens = answer_hits(model, batch["input_ids"].to(device), batch["labels"].to(device))
+            hits, tokens = answer_hits(model, batch["input_ids"].to(device), batch["labels"])  # labels stay on the CPU
             correct += int(hits.sum())
             total += int(tokens.sum())
     model.train()
