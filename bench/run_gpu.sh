@@ -72,7 +72,7 @@ fi
 if wants part2; then
     run_step "P2 branch_cost" 240 bench/branch_cost.py --shape "$SHAPE" --lengths 8K,32K --iters 2
     run_step "P7 selection_cost" 200 bench/selection_cost.py --shape llama3-1b --seq-len 8K --num-batches 4
-    run_step "kernels" 120 bench/kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K
+    run_step "attention_kernels" 120 bench/attention_kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K
 fi
 if wants part3; then
     # one process: fla autotunes once (~100 s); P6 starts no probe predicted to end after --time-budget-s

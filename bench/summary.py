@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import render  # noqa: E402
 
-ORDER = ("gate_memory", "hybrid_inference", "branch_cost", "selection_cost", "kernels")  # as run_gpu.sh runs them
+ORDER = ("gate_memory", "hybrid_inference", "branch_cost", "selection_cost", "attention_kernels")  # as run_gpu.sh runs them
 
 
 def summarize(out_dir: str | Path) -> str:

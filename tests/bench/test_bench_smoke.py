@@ -74,7 +74,7 @@ def test_hybrid_inference_cache_bytes_are_kv_for_full_layers_and_one_state_per_l
 
 
 def test_kernels_time_the_naive_branch_and_sdpa_on_cpu(tmp_path, capsys):
-    data = run_smoke("kernels", tmp_path, capsys, "--passes", "fwd,fwd+bwd")
+    data = run_smoke("attention_kernels", tmp_path, capsys, "--passes", "fwd,fwd+bwd")
     assert {(row["pass"], row["length"]) for row in data["rows"]} == {(p, n) for p in ("fwd", "fwd+bwd")
                                                                       for n in (64, 128)}
     for row in data["rows"]:
@@ -95,8 +95,8 @@ def test_selection_cost_runs_every_method_on_the_same_batches(tmp_path, capsys):
 
 
 def test_summary_renders_every_results_file_and_flags_an_unfinished_one(tmp_path, capsys):
-    run_smoke("kernels", tmp_path, capsys, "--passes", "fwd")
-    partial = json.loads((tmp_path / "kernels.json").read_text()) | {"complete": False, "benchmark": "other"}
+    run_smoke("attention_kernels", tmp_path, capsys, "--passes", "fwd")
+    partial = json.loads((tmp_path / "attention_kernels.json").read_text()) | {"complete": False, "benchmark": "other"}
     (tmp_path / "other.json").write_text(json.dumps(partial))
     (tmp_path / "junk.json").write_text("[1, 2]")
     from bench.summary import summarize

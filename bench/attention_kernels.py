@@ -6,7 +6,7 @@ The linear branch includes its Liger feature maps and forget gate. Shapes defaul
 heads, 8 kv heads, head dim 128, batch 1). The naive path needs O(T·64·D) memory per head, so it runs only up to
 --naive-max-len. Where fla and naive both run, their outputs are compared (relative L2 error in the table).
 
-    python bench/kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K --out runs/bench
+    python bench/attention_kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K --out runs/bench
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
     if unknown or args.heads % args.kv_heads:
         raise SystemExit(f"error: --passes {unknown} unknown (use {PASSES}) or --heads not a multiple of --kv-heads")
     device, dtype = resolve_device(args.device, args.smoke)
-    results = Results("kernels", TITLE, args, device, "bench/kernels.py", argv)
+    results = Results("attention_kernels", TITLE, args, device, "bench/attention_kernels.py", argv)
     backends = available_backends(device)
 
     ratios = []
