@@ -25,24 +25,11 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from flashmorph.config import TeacherConfig, validate_teacher  # noqa: E402
 
 
-class Deadline:
-    """Quacks like PreemptionGuard for the teacher stage: the 'signal' arrives when the wall budget is spent."""
-
-    reason = "the sweep's time budget"
-
-    def __init__(self, seconds: float):
-        self.until = time.monotonic() + seconds
-
-    @property
-    def received(self):
-        return "deadline" if time.monotonic() > self.until else None
-
-
 def _run_variant(name: str, fields: dict, out_dir: str, seconds: float, queue) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(asctime)s %(message)s",
                         handlers=[logging.FileHandler(Path(out_dir) / f"{name}.log")])
     from flashmorph.stages.teacher import train_teacher
-    from flashmorph.training.preemption import Preempted
+    from flashmorph.training.preemption import Deadline, Preempted
 
     teacher = TeacherConfig(**fields)
     started = time.perf_counter()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -81,3 +82,25 @@ class PreemptionGuard:
     @property
     def reason(self) -> str:
         return self.received or "a stop signal on another rank"
+
+
+class Deadline:
+    """Quacks like PreemptionGuard for a single-process stage: the stop 'signal' arrives once a wall-clock budget is
+    spent (or when `guard`, if given, got a real one), so the stage saves a checkpoint and raises Preempted."""
+
+    def __init__(self, seconds: float | None, guard: PreemptionGuard | None = None):
+        self.until = None if seconds is None else time.monotonic() + seconds
+        self.guard = guard
+
+    def _expired(self) -> bool:
+        return self.until is not None and time.monotonic() > self.until
+
+    @property
+    def received(self) -> str | None:
+        signalled = self.guard.received if self.guard is not None else None
+        return signalled or ("deadline" if self._expired() else None)
+
+    @property
+    def reason(self) -> str:
+        signalled = self.guard.received if self.guard is not None else None
+        return signalled or "the wall-clock budget"
