@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from flashmorph.errors import ConfigError
@@ -73,6 +74,18 @@ PRESETS = {
     "qwen3-8b": ModelShape("qwen3-8b", 36, 4096, 32, 8, 128, 12288, 151936, tie_embeddings=False, qk_norm=True),
     "qwen3-32b": ModelShape("qwen3-32b", 64, 5120, 64, 8, 128, 25600, 151936, tie_embeddings=False, qk_norm=True),
 }
+
+
+def _letters_and_digits(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def preset_named_by(model_name: str) -> str | None:
+    """The one preset a model directory's name spells, ignoring case and punctuation ("Meta-Llama-3-70B-Instruct"
+    -> "llama3-70b", "Qwen3-8B" -> "qwen3-8b"); None when no preset or more than one matches."""
+    name = _letters_and_digits(model_name)
+    found = [preset for preset in PRESETS if _letters_and_digits(preset) in name]
+    return found[0] if len(found) == 1 else None
 
 
 def shape_from_hf_config(config: dict, name: str = "model") -> ModelShape:

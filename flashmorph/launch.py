@@ -10,6 +10,7 @@ import sys
 
 from flashmorph.errors import FlashMorphError
 from flashmorph.parallel.distributed import distributed_session
+from flashmorph.parallel.quiet import quiet_third_party
 from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
 
 
@@ -27,6 +28,7 @@ def stage_parser(description: str, example_recipe: str, example_override: str) -
 def run_stage(prepare, run) -> int:
     """prepare() loads and validates the recipe (before any process group, model or file exists);
     run(recipe, info, guard) runs the stage inside the distributed session and a preemption guard."""
+    quiet_third_party()
     try:
         recipe = prepare()
     except FlashMorphError as err:

@@ -23,6 +23,7 @@ from flashmorph.estimate import (
     estimate,
     load_shape,
     max_seq_len,
+    preset_named_by,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +319,22 @@ def test_cli_recipe_missing_fields(tmp_path, capsys):
     recipe.write_text("data: {seq_len: 1024}\n")
     code, out = run_cli(["--recipe", recipe, "--preset", "llama3-8b"], capsys)
     assert code == 2 and "has no search or distill section" in out.err
+
+
+def test_preset_named_by_a_model_directory():
+    assert preset_named_by("Meta-Llama-3-70B") == "llama3-70b"
+    assert preset_named_by("Meta-Llama-3-8B-Instruct") == "llama3-8b"
+    assert preset_named_by("qwen3_32b") == "qwen3-32b" and preset_named_by("Qwen3-4B") == "qwen3-4b"
+    assert preset_named_by("Llama-3-80B") is None and preset_named_by("teacher") is None
+
+
+def test_cli_recipe_whose_model_dir_is_absent_uses_the_preset_its_name_spells(capsys):
+    """The README's command, as written: the 70B recipe's model.path does not exist on this machine."""
+    code, out = run_cli(["--recipe", ROOT / "recipes" / "llama3_70b_long_context.yaml", "--gpus", "64"], capsys)
+    assert code == 0, out.err
+    assert out.out.startswith("model: llama3-70b (80 layers")
+    assert out.err == ("note: the recipe's model.path=/models/Meta-Llama-3-70B holds no config.json; estimating the "
+                       "preset llama3-70b its name spells (--model-dir DIR reads a real config.json)\n")
 
 
 def test_cli_reads_the_real_recipes(capsys):

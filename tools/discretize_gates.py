@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.parallel.quiet import quiet_third_party
 
 METHODS = ("gates", "threshold", "periodic", "leave_one_out", "kl", "nll", "random")
 GATE_METHODS = ("gates", "threshold")
@@ -270,6 +271,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return run(args)

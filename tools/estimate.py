@@ -2,6 +2,7 @@
 
     python tools/estimate.py --preset llama3-70b --gpus 64 --tp 8 --sp 8 --seq-len 131072 --trainable linear
     python tools/estimate.py --recipe recipes/llama3_8b_distill.yaml --gpus 8 --preset llama3-8b
+    python tools/estimate.py --recipe recipes/llama3_70b_long_context.yaml --gpus 64   # preset from model.path's name
     python tools/estimate.py --preset llama3-8b --max-seq-len --gpu-memory-gib 80
 """
 
@@ -21,6 +22,7 @@ from flashmorph.estimate import (
     estimate,
     load_shape,
     max_seq_len,
+    preset_named_by,
 )
 
 STAGE_SECTIONS = ("search", "distill")  # a recipe's stage section: gate search or distillation/long-context
@@ -55,7 +57,8 @@ def _full_layers(text: str) -> int | str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _Parser(description="Estimate per-GPU memory (weights, gradients, optimizer, activations, logits) "
                                  "and tokens per optimizer step of a flashmorph run.")
-    model = parser.add_argument_group("model (one of them; --preset/--model-dir override a recipe's model.path)")
+    model = parser.add_argument_group("model (one of them; --preset/--model-dir override a recipe's model.path, "
+                                      "which names a preset when it holds no config.json)")
     model.add_argument("--preset", choices=sorted(PRESETS), help="a published model shape")
     model.add_argument("--model-dir", help="a HF model directory (only its config.json is read)")
     model.add_argument("--recipe", help="a recipe YAML: model, data.seq_len, parallel and the search/distill section "
@@ -207,11 +210,17 @@ def build_setup(args: argparse.Namespace) -> tuple[ModelShape, EstimateSetup]:
         del fields["full_layers"]  # a search recipe estimated as distillation: the hybrid's default applies
     if args.preset or args.model_dir:
         shape = load_shape(args.preset, args.model_dir)
+    elif recipe_model and (Path(recipe_model) / "config.json").is_file():
+        shape = load_shape(model_dir=recipe_model)
     elif recipe_model:
-        if not (Path(recipe_model) / "config.json").is_file():
+        # the shipped recipes name a model directory this machine usually lacks: its name says which preset it is
+        preset = preset_named_by(Path(recipe_model).name)
+        if preset is None:
             raise ConfigError(f"the recipe's model.path={recipe_model} holds no config.json; pass --preset NAME or "
                               "--model-dir DIR")
-        shape = load_shape(model_dir=recipe_model)
+        print(f"note: the recipe's model.path={recipe_model} holds no config.json; estimating the preset {preset} "
+              "its name spells (--model-dir DIR reads a real config.json)", file=sys.stderr)
+        shape = load_shape(preset)
     else:
         raise ConfigError("no model: pass --preset NAME or --model-dir DIR (or a --recipe with model.path)")
     return shape, EstimateSetup(gpus=args.gpus, **fields)

@@ -16,6 +16,7 @@ import re
 import sys
 
 from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.parallel.quiet import quiet_third_party
 
 TASKS = ("mqar", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")  # = flashmorph.data
 
@@ -132,6 +133,7 @@ def _default_device() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         # imported here so that --help and argument errors answer without loading torch

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from flashmorph.errors import FlashMorphError
+from flashmorph.parallel.quiet import quiet_third_party
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party()
     try:
         # imported here so that --help and argument errors answer without loading torch
         from flashmorph.export import export_hybrid

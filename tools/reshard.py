@@ -60,7 +60,9 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from flashmorph.errors import FlashMorphError
+    from flashmorph.parallel.quiet import quiet_third_party
 
+    quiet_third_party()
     try:
         # imported here so that --help and argument errors answer without loading torch
         from flashmorph.checkpoint.reshard import reshard

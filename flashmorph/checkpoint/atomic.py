@@ -201,12 +201,36 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Save a dict of tensors as safetensors atomically (e.g. gates.safetensors); metadata values must be str."""
+    """Save a dict of tensors as safetensors atomically (e.g. gates.safetensors); metadata values must be str.
+    Equal tensors and metadata give equal bytes (see `_sort_safetensors_metadata`)."""
     from safetensors.torch import save_file
 
     with _atomic_target(path) as tmp:
         save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_safetensors_metadata(tmp)
     return Path(path)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header of a safetensors file with its metadata keys sorted, in place.
+
+    safetensors keeps metadata in a Rust HashMap, so its key order (and the file's bytes) changes from process to
+    process. The sorted header holds the same keys and values, so it is as long as the original, and the tensor
+    data and offsets (relative to the end of the header) stay where they are; the format allows padding the header
+    with spaces, should the JSON come out shorter.
+    """
+    with open(path, "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        metadata = header.pop("__metadata__")
+        text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > header_len:  # never with safetensors' own serializer; keep its valid, unsorted header
+            logger.debug("kept the unsorted metadata of %s (sorted header %d > %d bytes)", path, len(text), header_len)
+            return
+        f.seek(8)
+        f.write(text.ljust(header_len, b" "))
 
 
 def load_safetensors_verified(path: str | os.PathLike, *, device: str = "cpu", with_metadata: bool = False):

@@ -39,12 +39,15 @@ def init_distributed() -> DistInfo:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from flashmorph.parallel.quiet import drop_stdout_lines
+
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        with drop_stdout_lines():  # DeepSpeed prints a line each time it loads its CPU comm op
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -22,6 +22,8 @@ SELECTION_SPLIT = "selection"  # a data stream apart from gate search's "train" 
 PERIODIC_VARIANTS = ("keep_first", "keep_last", "keep_both", "centered")
 METRICS = ("retrieval", "kl", "nll")
 KL_POSITIONS = ("answer", "all")
+# what each metric measures, for log lines (the metric names themselves are recipe/CLI values)
+METRIC_LABELS = {"retrieval": "answer-token nll", "nll": "all-token nll", "kl": "kl to all-softmax"}
 _LOGIT_ROWS = 1024  # hidden rows turned into logits at once, so [tokens, vocab] is never built whole
 
 
@@ -177,7 +179,8 @@ def linearization_scores(lm: nn.Module, morph_config: MorphConfig, batches: Sequ
                     total += _cross_entropy_sum(head, rows, targets.to(device))
                 count += rows.shape[0]
             values.append(total / count)
-            log.info("layer %s linear: %s = %.4f", "none" if linear_layer is None else linear_layer, metric, values[-1])
+            log.info("layer %s linear: %s = %.4f per token", "none" if linear_layer is None else linear_layer,
+                     METRIC_LABELS[metric], values[-1])
     cost = SelectionCost(forward_passes=passes, wall_seconds=time.perf_counter() - started, tokens=tokens)
     base = values[0]
     return LinearizationScores([v - base for v in values[1:]], base, cost)

@@ -162,7 +162,7 @@ def plot_gates(report: SensitivityReport, path: str | Path, gate_values=None, th
         ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("gate (1 = softmax)" if report.method in GATE_METHODS else "score")
     ax.set_xticks(range(0, num_layers, max(1, -(-num_layers // 40))))  # at most ~40 labels
-    if gate_values is not None or threshold is not None:
+    if ax.get_legend_handles_labels()[0]:  # per-layer gates and no threshold: nothing to name
         ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()

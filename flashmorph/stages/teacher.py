@@ -32,6 +32,7 @@ from flashmorph.data.byte_tokenizer import ByteTokenizer
 from flashmorph.errors import FlashMorphError
 from flashmorph.evaluation.retrieval import answer_hits
 from flashmorph.model.tiny import build_tiny_model, tiny_config
+from flashmorph.parallel.quiet import no_transformers_progress_bars
 from flashmorph.training.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,8 @@ def train_teacher(teacher: TeacherConfig, out_dir: str | Path, show_progress: bo
         held_out = TextWindows(space, "eval", teacher.text_seq_len, teacher.seed)
         report["text"] = {**corpus_info("eval"), "perplexity_per_byte": round(text_perplexity(model, held_out), 4)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+    with no_transformers_progress_bars():  # one shard of a tiny model: a bar would only interrupt ours
+        model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     atomic.atomic_write_text(report_file, json.dumps(report, indent=2))  # written last: marks the teacher complete
     shutil.rmtree(root, ignore_errors=True)  # the HF directory is the product now; checkpoints only served resume
     log.info("teacher: %.1f%% recall on %d pairs (chance %.1f%%) after %d steps, %.1f s%s",

@@ -228,6 +228,23 @@ def test_atomic_save_safetensors_crash_keeps_previous_file(tmp_path, monkeypatch
     assert metadata == {"layout": "per_layer"}
 
 
+def test_atomic_save_safetensors_is_byte_stable(tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes between saves; ours sorts it, so equal tensors
+    and metadata give equal files, which still load with the same tensors and metadata."""
+    tensors = {"gate_values": torch.rand(4, generator=torch.Generator().manual_seed(0)),
+               "layer_scores": torch.arange(4, dtype=torch.float16)}
+    metadata = {f"key_{i}": f"value {i} é" for i in (5, 3, 0, 4, 1, 2)}
+    files = [tmp_path / f"gates_{i}.safetensors" for i in range(6)]
+    for path in files:
+        atomic_save_safetensors(tensors, path, metadata=metadata)
+    assert len({path.read_bytes() for path in files}) == 1
+    header = files[0].read_bytes()[8:8 + int.from_bytes(files[0].read_bytes()[:8], "little")]
+    assert list(json.loads(header)["__metadata__"]) == sorted(metadata)
+    loaded, loaded_metadata = load_safetensors_verified(files[0], with_metadata=True)
+    assert loaded_metadata == metadata
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
 def test_load_safetensors_verified_truncated(tmp_path):
     path = tmp_path / "gates.safetensors"
     atomic_save_safetensors({"gate_logits": torch.randn(32), "head_logits": torch.randn(4, 8)}, path)

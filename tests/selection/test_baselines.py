@@ -1,5 +1,7 @@
 """Selection baselines: periodic and random placement, and one-layer-linearized scores on a tiny random model."""
 
+import logging
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from flashmorph.selection import (
     periodic_layout,
     random_layout,
 )
+from flashmorph.selection.baselines import METRIC_LABELS
 
 
 @pytest.mark.parametrize("variant, expected", [
@@ -51,9 +54,13 @@ def test_random_is_seeded():
     lambda lm, batches: kl_layout(lm, MorphConfig(), batches, 0.5, positions="all"),
     lambda lm, batches: nll_layout(lm, MorphConfig(), batches, 2),
 ], ids=["leave_one_out", "kl_answer", "kl_all", "nll"])
-def test_scored_baselines_give_valid_layouts(tiny_lm, heldout, tmp_path, build):
+def test_scored_baselines_give_valid_layouts(tiny_lm, heldout, tmp_path, build, caplog):
     lm = tiny_lm("llama", num_layers=4)
-    layout = build(lm, heldout)
+    with caplog.at_level(logging.INFO, logger="flashmorph.selection.baselines"):
+        layout = build(lm, heldout)
+    # the log names what is measured ("answer-token nll"), not the method's metric key ("retrieval")
+    label = METRIC_LABELS[layout.inputs["metric"]]
+    assert f"layer none linear: {label} = " in caplog.text and f"layer 3 linear: {label} = " in caplog.text
     assert len(layout.full_layers) == 2 and layout.num_layers == 4
     assert layout.cost.forward_passes == (4 + 1) * len(heldout)  # all-softmax + one per linearized layer
     assert layout.cost.tokens == 5 * sum(b["input_ids"].numel() for b in heldout) and layout.cost.wall_seconds > 0

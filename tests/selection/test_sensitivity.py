@@ -57,6 +57,14 @@ def test_head_level_margin():
     assert report.head_margin == pytest.approx(0.8 - 0.3) and report.head_spread == pytest.approx(0.8)
 
 
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib draws the plot")
+@pytest.mark.filterwarnings("error")
+def test_plot_of_per_layer_gates_without_threshold_warns_nothing(tmp_path):
+    """No legend is asked for when nothing in the plot has a label (matplotlib warns about an empty legend)."""
+    written = write_report(discretize_top_k(GATES, 2), tmp_path, gate_values=GATES)
+    assert [p.name for p in written] == ["sensitivity.txt", "gates.png"]
+
+
 def test_write_report(tmp_path, monkeypatch, caplog):
     layout = discretize_top_k(GATES, 2)
     if not HAS_MATPLOTLIB:  # the text report still comes; the PNG is skipped with one line saying why

@@ -56,6 +56,26 @@ def test_two_zero3_ranks_match_one_process(model_dir, tmp_path):
     assert (tmp_path / "one" / "tb").is_dir() and any((tmp_path / "one" / "tb").iterdir())
 
 
+def _twice_then_resume(info, model_dir, root):
+    """Two identical runs, then --resume of the first one after it finished."""
+    from flashmorph.stages.gate_search import run_gate_search
+
+    for name in ("a", "b"):
+        run_gate_search(load_recipe(RECIPE, _overrides(model_dir, root / name, 4, steps=3)), info, show_progress=False)
+    events_before = sorted(p.name for p in (root / "a" / "tb").iterdir())
+    run_gate_search(load_recipe(RECIPE, _overrides(model_dir, root / "a", 4, steps=3)), info, resume=True,
+                    show_progress=False)
+    return events_before, sorted(p.name for p in (root / "a" / "tb").iterdir())
+
+
+def test_identical_runs_write_identical_gates_and_a_finished_resume_no_empty_event_file(model_dir, tmp_path):
+    events_before, events_after = run_distributed(_twice_then_resume, 1, model_dir, tmp_path)[0]
+    first, second = (tmp_path / name / "gates.safetensors" for name in ("a", "b"))
+    assert first.read_bytes() == second.read_bytes()
+    assert len(events_before) == 1
+    assert events_after == events_before, "resuming a finished run created a tensorboard event file with nothing in it"
+
+
 def _launch(model_dir, run_dir, steps, resume=False):
     overrides = _overrides(model_dir, run_dir, 8, steps=steps, extra=["search.save_every=3", "data.seq_len=256",
                                                                         "search.keep_last=0"])
