@@ -1,16 +1,16 @@
 """The one place that picks the GLA backend: fla's kernels on CUDA where fla imports, the chunked torch path and the
-naive step elsewhere. `backend` is the recipe's `morph.linear_backend`: "auto", "naive" or "fla"."""
+naive step elsewhere. `backend` is the recipe's `morph.linear_backend`, one of `LINEAR_BACKENDS` (defined with the
+recipe's settings in flashmorph/model/config.py, which stays torch-free)."""
 
 from __future__ import annotations
 
 import torch
 
 from flashmorph.errors import ConfigError
+from flashmorph.model.config import LINEAR_BACKENDS
 from flashmorph.model.ops.gla.chunked import gla_chunked
 from flashmorph.model.ops.gla.fla import chunk_gla_kernel, fla_chunk_gla, fla_gla_step, fused_recurrent_gla_kernel
 from flashmorph.model.ops.gla.naive import gla_step
-
-LINEAR_BACKENDS = ("auto", "naive", "fla")
 
 
 def resolve_backend(backend: str, on_cuda: bool) -> str:
