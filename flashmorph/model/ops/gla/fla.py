@@ -1,12 +1,8 @@
 """fla's GLA kernels on CUDA with the naive contract: `chunk_gla` (prefill, training) and `fused_recurrent_gla`
 (decode). The only module that imports fla, and only on first use: fla pulls in Triton and warns at import on CPU."""
 
-from __future__ import annotations
-
 import functools
 import logging
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +29,8 @@ def fused_recurrent_gla_kernel():
     return fused_recurrent_gla
 
 
-def fla_chunk_gla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    scale: float = 1.0,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`gla_recurrent_reference` on fla's chunk_gla; CUDA tensors, and fla must import (see `chunk_gla_kernel`)."""
+def fla_chunk_gla(q, k, v, log_decay, scale=1.0, initial_state=None, output_final_state=False):
+    """`gla_recurrent_reference`'s contract on fla's chunk_gla: CUDA tensors, and fla imports (`chunk_gla_kernel`)."""
     if initial_state is not None:
         initial_state = initial_state.float()  # chunk_gla asserts an fp32 initial state
     return chunk_gla_kernel()(
@@ -56,15 +44,10 @@ def fla_chunk_gla(
     )
 
 
-def fla_gla_step(
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    v_t: torch.Tensor,
-    log_decay_t: torch.Tensor,
-    state: torch.Tensor | None,
-    scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gla_step` on fla's fused_recurrent_gla; CUDA tensors, and fla must import (see `fused_recurrent_gla_kernel`)."""
+def fla_gla_step(q_t, k_t, v_t, log_decay_t, state, scale=1.0):
+    """`gla_step`'s contract on fla's fused_recurrent_gla: CUDA tensors, and fla imports (`fused_recurrent_gla_kernel`).
+
+    fla returns the state in the kernel's dtype; the generation cache keeps it fp32."""
     o, new_state = fused_recurrent_gla_kernel()(
         q_t,
         k_t,

@@ -1,5 +1,6 @@
 """Naive GLA in torch: the token-by-token recurrence (the ground truth every other path is tested against) and the
-single decode step. Layout follows fla: `[batch, seq, heads, dim]`; the state is `[batch, heads, key_dim, value_dim]`."""
+single decode step. Layout follows fla: `[batch, seq, heads, dim]`; the state is
+`[batch, heads, key_dim, value_dim]`."""
 
 from __future__ import annotations
 
