@@ -1,5 +1,5 @@
 """Kernel table: one attention layer's token mixing at 4K-128K tokens, forward and forward+backward, through
-  fla:   the linear branch on fla's chunk_gla (flashmorph.model.linear_attention, backend "fla"),
+  fla:   the linear branch on fla's chunk_gla (flashmorph.model.ops.liger, backend "fla"),
   naive: the same branch on flashmorph's chunked torch path (backend "naive": the CPU path and the tests' reference),
   sdpa:  softmax attention as the model runs it (transformers' sdpa_attention_forward, causal, GQA).
 The linear branch includes its Liger feature maps and forget gate. Shapes default to one Llama-3-8B layer (32 query
@@ -39,7 +39,7 @@ from bench.common import (  # noqa: E402
     smoke_defaults,
     time_call,
 )
-from flashmorph.model.linear_attention import liger_linear_attention  # noqa: E402
+from flashmorph.model.ops.liger import liger_linear_attention  # noqa: E402
 
 BACKENDS = ("fla", "naive", "sdpa")
 PASSES = ("fwd", "fwd+bwd")

@@ -21,7 +21,7 @@ from flashmorph.errors import FlashMorphError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.gates import MorphGates
 from flashmorph.model.hybrid_cache import RecurrentStateLayer, recurrent_layer
-from flashmorph.model.linear_attention import liger_linear_attention, liger_linear_attention_with_state
+from flashmorph.model.ops.liger import liger_linear_attention, liger_linear_attention_with_state
 from flashmorph.model.rope import undo_rope
 
 # Never put "flash" in this name: transformers would treat it as a flash-attention request.

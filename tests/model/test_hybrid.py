@@ -11,12 +11,6 @@ from transformers import DynamicCache
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.model.hybrid import apply_hybrid_layout, make_hybrid_cache, read_layout
 from flashmorph.model.hybrid_cache import RecurrentStateLayer, cache_nbytes
-from flashmorph.model.linear_attention import (
-    gla_step,
-    gated_linear_attention_step,
-    liger_linear_attention,
-    liger_linear_attention_with_state,
-)
 
 LAYOUTS = {
     "no_linear": ["full", "full", "full", "full"],
@@ -112,20 +106,6 @@ def test_a_manual_decode_loop_and_chunked_prefill_match_one_forward(tiny_lm):
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_stateful_linear_attention_splits_anywhere():
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 4, 13, 8), torch.randn(2, 2, 13, 8)  # [B, H, T, D], [B, Hkv, T, D]
-    v = torch.randn(2, 2, 13, 8)
-    whole = liger_linear_attention(q, k, v, num_kv_groups=2, backend="naive")  # [B, T, H, D]
-    state, pieces = None, []
-    for start, stop in ((0, 5), (5, 6), (6, 7), (7, 13)):
-        out, state = liger_linear_attention_with_state(
-            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state, num_kv_groups=2, backend="naive")
-        pieces.append(out)
-    assert state.shape == (2, 4, 8, 8) and state.dtype == torch.float32
-    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-6)
-
-
 def test_padded_prompts_are_refused(tiny_lm):
     lm = apply_hybrid_layout(tiny_lm(), LAYOUTS["some_linear"])
     ids = torch.randint(3, 64, (2, 9))
@@ -159,18 +139,3 @@ def test_layouts_are_read_and_checked(tiny_lm, tmp_path):
         read_layout(path)
     with pytest.raises(ConfigError, match="does not exist"):
         read_layout(tmp_path / "missing.json")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's fused_recurrent_gla needs CUDA")
-def test_fused_recurrent_decode_step_matches_the_naive_step():
-    gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, 1, 4, 64, generator=gen).softmax(-1) for _ in range(2))  # [B, 1, H, D]
-    v = torch.randn(2, 1, 4, 64, generator=gen)
-    g = torch.nn.functional.logsigmoid(torch.randn(2, 1, 4, 64, generator=gen)) / 16
-    state = torch.randn(2, 4, 64, 64, generator=gen)  # [B, H, D, Dv]
-    expected_o, expected_state = gla_step(q, k, v, g, state)
-    cuda = [x.cuda() for x in (q, k, v, g, state)]
-    o, new_state = gated_linear_attention_step(*cuda, backend="fla")
-    assert new_state.dtype == torch.float32
-    torch.testing.assert_close(o.cpu(), expected_o, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(new_state.cpu(), expected_state, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.linear_attention import gla_recurrent_reference
+from flashmorph.model.ops.gla import gla_recurrent_reference
 from flashmorph.model.morph import ATTN_KEY, morph_model
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]

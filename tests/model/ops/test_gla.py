@@ -1,23 +1,26 @@
-"""GLA ops: the chunked path and the decode step against the recurrent reference, Liger inputs, fla agreement."""
+"""GLA ops (flashmorph/model/ops/gla): the chunked path and the decode step against the recurrent reference, the
+reference against fla's own naive one, the backend dispatch, and fla's kernels against the naive paths on CUDA."""
 
+import ast
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import flashmorph
 from flashmorph.errors import FlashMorphError
-from flashmorph.model.linear_attention import (
-    compare_backends,
+from flashmorph.model.ops.gla import (
     gated_linear_attention,
+    gated_linear_attention_step,
     gla_chunked,
     gla_recurrent_reference,
     gla_step,
-    liger_gla_inputs,
-    liger_linear_attention,
 )
 
 # fp64: the chunked and recurrent forms are the same algebra, so they agree to rounding
@@ -66,6 +69,76 @@ def assert_all_close(actual, expected, **tol):
         torch.testing.assert_close(g, g_ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+_BACKEND_FNS = {
+    "recurrent": gla_recurrent_reference,
+    "naive": functools.partial(gated_linear_attention, backend="naive"),
+    "fla": functools.partial(gated_linear_attention, backend="fla"),
+}
+
+
+def compare_backends(
+    batch: int,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    value_dim: int | None = None,
+    *,
+    backend: str = "fla",
+    reference: str = "naive",
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    with_initial_state: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Max abs difference between two backends ("recurrent", "naive", "fla") in forward and gradients.
+
+    Inputs are fla-test-like (randn q/k/v, g = logsigmoid(randn), scale = D^-0.5) in `dtype`; the
+    reference runs on the same rounded inputs upcast to fp32. For each of o, final_state, dq, dk, dv, dg,
+    dh0: `<key>` max abs error, `<key>_ref_max` max abs of the reference, `<key>_rmse_ratio`
+    rms(error) / rms(reference) (the metric fla's own kernel tests bound, at 0.004-0.005).
+    """
+    value_dim = value_dim or head_dim
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q, k = randn(batch, seq_len, heads, head_dim), randn(batch, seq_len, heads, head_dim)
+    v = randn(batch, seq_len, heads, value_dim)
+    g = F.logsigmoid(randn(batch, seq_len, heads, head_dim).float())
+    h0 = randn(batch, heads, head_dim, value_dim).float() if with_initial_state else None
+    do = randn(batch, seq_len, heads, value_dim)
+    dht = randn(batch, heads, head_dim, value_dim).float()
+    names = ("dq", "dk", "dv", "dg") + (("dh0",) if with_initial_state else ())
+
+    def run(name: str, upcast: bool):
+        leaves = [x.detach().clone() for x in (q, k, v, g)] + ([h0.detach().clone()] if with_initial_state else [])
+        if upcast:
+            leaves = [x.float() for x in leaves]
+        for x in leaves:
+            x.requires_grad_(True)
+        o, ht = _BACKEND_FNS[name](
+            *leaves[:4],
+            scale=head_dim**-0.5,
+            initial_state=leaves[4] if with_initial_state else None,
+            output_final_state=True,
+        )
+        ((o * do.to(o.dtype)).sum() + (ht * dht).sum()).backward()
+        return {"o": o.detach().float(), "final_state": ht.detach().float()} | {
+            n: x.grad.float() for n, x in zip(names, leaves)
+        }
+
+    ref = run(reference, upcast=True)
+    out = run(backend, upcast=False)
+    result = {}
+    for key, value in ref.items():
+        error = out[key] - value
+        result[key] = error.abs().max().item()
+        result[f"{key}_ref_max"] = value.abs().max().item()
+        result[f"{key}_rmse_ratio"] = (error.square().mean().sqrt() / value.square().mean().sqrt()).item()
+    return result
+
+
 @pytest.mark.parametrize("with_initial_state", [False, True])
 @pytest.mark.parametrize("seq_len,chunk_size", [(64, 16), (50, 16), (37, 8), (5, 64), (1, 4), (33, 32)])
 def test_chunked_matches_recurrent_fp64(seq_len, chunk_size, with_initial_state):
@@ -111,52 +184,6 @@ def test_gla_step_iterated_equals_reference():
     torch.testing.assert_close(o_first, o_zero)
 
 
-def liger_manual(q_pre, k_pre, v, num_kv_groups):
-    """Liger GLA spelled out with explicit indices, on top of the recurrent reference."""
-    kv_head = [h // num_kv_groups for h in range(q_pre.shape[1])]  # transformers' repeat_kv order
-    k_rep, v_rep = k_pre[:, kv_head].double(), v[:, kv_head].double()  # [B, H, T, D]
-    q_feat = torch.softmax(q_pre.double(), dim=-1)
-    k_feat = torch.softmax(k_rep, dim=-1)
-    log_decay = F.logsigmoid(k_rep) / 16
-    to_bthd = lambda x: x.transpose(1, 2)  # noqa: E731
-    o, _ = gla_recurrent_reference(*map(to_bthd, (q_feat, k_feat, v_rep, log_decay)), scale=1.0)
-    return o  # [B, T, H, D]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_liger_linear_attention_gqa_matches_manual(dtype):
-    batch, heads, kv_heads, seq_len, head_dim = 2, 4, 2, 21, 8
-    gen = torch.Generator().manual_seed(3)
-    q_pre = torch.randn(batch, heads, seq_len, head_dim, generator=gen).to(dtype)
-    k_pre = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen).to(dtype)
-    v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen).to(dtype)
-    o = liger_linear_attention(q_pre, k_pre, v, num_kv_groups=heads // kv_heads, backend="auto")
-    assert o.shape == (batch, seq_len, heads, head_dim) and o.dtype == dtype
-    expected = liger_manual(q_pre, k_pre, v, heads // kv_heads)
-    # bf16: only the final rounding of o (the computation is fp32 from the bf16 inputs)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(o.double(), expected, **tol)
-
-
-def test_liger_decode_steps_continue_prefill():
-    # what a generation cache does: chunked prefill state, then gla_step per token == one long prefill
-    batch, heads, kv_heads, seq_len, head_dim, prefill = 1, 4, 2, 12, 8, 7
-    gen = torch.Generator().manual_seed(4)
-    q_pre = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
-    k_pre = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
-    v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
-    full = liger_linear_attention(q_pre, k_pre, v, num_kv_groups=2, backend="naive")
-    q, k, v_rep, log_decay = liger_gla_inputs(q_pre, k_pre, v, num_kv_groups=2)
-    o_prefill, state = gated_linear_attention(
-        q[:, :prefill], k[:, :prefill], v_rep[:, :prefill], log_decay[:, :prefill], output_final_state=True
-    )
-    outputs = [o_prefill]
-    for t in range(prefill, seq_len):
-        o_t, state = gla_step(q[:, t : t + 1], k[:, t : t + 1], v_rep[:, t : t + 1], log_decay[:, t : t + 1], state)
-        outputs.append(o_t)
-    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=1e-6, rtol=1e-5)
-
-
 def load_fla_naive():
     """fla's own naive reference, loaded from its file: `import fla` costs seconds and warns on CPU."""
     spec = importlib.util.find_spec("fla")
@@ -199,21 +226,30 @@ def test_backend_dispatch_on_cpu():
         gated_linear_attention(q, k, v, log_decay, backend="fla")
     with pytest.raises(FlashMorphError, match="linear_backend='triton' is unknown"):
         gated_linear_attention(q, k, v, log_decay, backend="triton")
-    with pytest.raises(FlashMorphError, match="linear_backend=fla needs CUDA"):
-        liger_linear_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), num_kv_groups=1, backend="fla")
 
 
 def test_module_import_does_not_import_fla():
-    code = "import sys, flashmorph.model.linear_attention; sys.exit('fla' in sys.modules)"
+    modules = ("flashmorph.model.ops.gla", "flashmorph.model.ops.gla.fla", "flashmorph.model.ops.liger",
+               "flashmorph.model.morph")
+    code = f"import sys, {', '.join(modules)}; sys.exit('fla' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
+def test_only_ops_gla_fla_imports_fla():
+    # one file owns the fla dependency; the rest of the package reaches fla's kernels through the dispatch
+    package = Path(flashmorph.__file__).parent
+    importers = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(name == "fla" or name.startswith("fla.") for name in names):
+                importers.append(path.relative_to(package).as_posix())
+    assert sorted(set(importers)) == ["model/ops/gla/fla.py"]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need a CUDA GPU")
-
-
-def rmse_ratio(actual, expected):
-    return ((actual - expected).square().mean().sqrt() / expected.square().mean().sqrt()).item()
 
 
 @cuda
@@ -226,13 +262,16 @@ def test_fla_matches_naive(dtype, seq_len):
         assert errors[f"{key}_rmse_ratio"] <= 1e-2, (key, errors)
 
 
-@cuda
-def test_liger_fla_matches_naive():
-    gen = torch.Generator().manual_seed(5)
-    q_pre = torch.randn(2, 8, 200, 64, generator=gen).cuda().bfloat16()
-    k_pre = torch.randn(2, 2, 200, 64, generator=gen).cuda().bfloat16()
-    v = torch.randn(2, 2, 200, 64, generator=gen).cuda().bfloat16()
-    o_fla = liger_linear_attention(q_pre, k_pre, v, num_kv_groups=4, backend="fla")
-    o_naive = liger_linear_attention(q_pre, k_pre, v, num_kv_groups=4, backend="naive")
-    assert o_fla.dtype == torch.bfloat16 and o_fla.shape == (2, 200, 8, 64)
-    assert rmse_ratio(o_fla.float(), o_naive.float()) <= 1e-2
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's fused_recurrent_gla needs CUDA")
+def test_fused_recurrent_decode_step_matches_the_naive_step():
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 1, 4, 64, generator=gen).softmax(-1) for _ in range(2))  # [B, 1, H, D]
+    v = torch.randn(2, 1, 4, 64, generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(2, 1, 4, 64, generator=gen)) / 16
+    state = torch.randn(2, 4, 64, 64, generator=gen)  # [B, H, D, Dv]
+    expected_o, expected_state = gla_step(q, k, v, g, state)
+    cuda = [x.cuda() for x in (q, k, v, g, state)]
+    o, new_state = gated_linear_attention_step(*cuda, backend="fla")
+    assert new_state.dtype == torch.float32
+    torch.testing.assert_close(o.cpu(), expected_o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new_state.cpu(), expected_state, rtol=1e-4, atol=1e-4)
