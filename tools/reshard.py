@@ -25,17 +25,14 @@ import logging
 import os
 import sys
 
+from flashmorph.cli_args import ArgumentParser
+
 FORMATS = ("zero3", "hf", "tp")  # mirrored from flashmorph.checkpoint.reshard, which imports torch
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.split("\n\n")[0],
-                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="format of --src")
     parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="format to write")
     parser.add_argument("--src", required=True, help="source directory (for zero3: the one holding `latest` or "
