@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
              "warm-up call(s)"]
     if "fla" not in backends:
         notes.append("fla needs CUDA: on CPU the table compares the naive torch path with SDPA")
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
         results.set_ratios(ratios)
     notes = [f"shape {args.shape}, activation checkpointing {'on' if args.checkpointing else 'off'}, "
              f"median of {args.iters} steps after {args.warmup} warm-up step(s) per mode and length"]
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

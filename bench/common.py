@@ -384,14 +384,14 @@ class Results:
         self.data["ratios"] = [asdict(r) | {"met": r.met()} for r in ratios]
         self.write()
 
-    def finish(self, ratios: Sequence[Ratio], notes: Sequence[str] = ()) -> str:
-        """Record the ratios and notes, mark the file complete, print the table (and return it)."""
+    def finish(self, ratios: list[Ratio], notes: Sequence[str] = ()) -> list[Ratio]:
+        """Record the ratios and notes, mark the file complete, print the table; return the ratios (what a
+        benchmark's main() returns)."""
         self.data["notes"] = list(notes)
         self.data["complete"] = True
         self.set_ratios(ratios)
-        text = render(self.data)
-        print("\n" + text, flush=True)
-        return text
+        print("\n" + render(self.data), flush=True)
+        return ratios
 
     def write(self) -> None:
         from flashmorph.checkpoint.atomic import atomic_write_text

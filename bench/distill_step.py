@@ -625,9 +625,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
         if bench.engines_not_freed:
             notes.append(f"{bench.engines_not_freed} dropped distill model(s) stayed referenced: later peaks and P6 "
                          "lengths are too pessimistic")
-        ratios = bench.ratios
-        results.finish(ratios, notes)
-    return ratios
+        return results.finish(bench.ratios, notes)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
              f"{str(dtype).removeprefix('torch.')} weights; peaks include the weights"]
     if any(OOM in (row["gate_search_peak_bytes"], row["frozen_fwd_bwd_peak_bytes"]) for row in results.rows):
         notes.append("a side ran out of memory at some length: its ratio is n/a")
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
              f"{[i for i, m in enumerate(layouts['hybrid']) if m == 'full']}",
              f"prefill: median of {args.iters} after {args.warmup} warm-up per layout and length; decode: "
              f"{args.decode_tokens} steps after {args.warmup_tokens} warm-up steps, from a filled cache"]
-    ratios = table(results.rows)
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(table(results.rows), notes)
 
 
 if __name__ == "__main__":

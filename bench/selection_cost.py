@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
                     detail["kl"])]
     notes = [f"shape {args.shape} ({config.num_hidden_layers} layers), budget {args.budget}; every method ran fully "
              f"on the same {len(batches)} batches (no extrapolation)"]
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

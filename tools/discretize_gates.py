@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from flashmorph.cli_args import ArgumentParser
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.cli_args import ArgumentParser, run_tool
+from flashmorph.errors import ConfigError
 from flashmorph.parallel.quiet import quiet_third_party
 
 METHODS = ("gates", "threshold", "periodic", "leave_one_out", "kl", "nll", "random")
@@ -269,11 +269,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(run, args)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from flashmorph.cli_args import ArgumentParser
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.cli_args import ArgumentParser, run_tool
+from flashmorph.errors import ConfigError
 from flashmorph.estimate import (
     GIB,
     PRESETS,
@@ -284,12 +284,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

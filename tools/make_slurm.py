@@ -16,7 +16,7 @@ import stat
 import sys
 from pathlib import Path
 
-from flashmorph.cli_args import ArgumentParser
+from flashmorph.cli_args import ArgumentParser, fail
 from flashmorph.errors import ConfigError, FlashMorphError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,8 +247,7 @@ def main(argv=None) -> int:
             return 0
         text = render(argv)
     except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     if not args.output:
         sys.stdout.write(text)
         return 0

@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 
-from flashmorph.cli_args import ArgumentParser
+from flashmorph.cli_args import ArgumentParser, fail
 
 FORMATS = ("zero3", "hf", "tp")  # mirrored from flashmorph.checkpoint.reshard, which imports torch
 
@@ -68,8 +68,7 @@ def main(argv=None) -> int:
                       config_dir=args.config, force=args.force, max_shard_size=args.max_shard_size,
                       show_progress=not args.no_progress)
     except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     print(f"wrote {args.dst_format} checkpoint {out}")
     return 0
 
