@@ -6,40 +6,17 @@ The linear branch includes its Liger feature maps and forget gate. Shapes defaul
 heads, 8 kv heads, head dim 128, batch 1). The naive path needs O(T·64·D) memory per head, so it runs only up to
 --naive-max-len. Where fla and naive both run, their outputs are compared (relative L2 error in the table).
 
-    python bench/attention_kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K --out runs/bench
+    python -m bench.attention_kernels --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K --out runs/bench
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    OOM,
-    Ratio,
-    Results,
-    base_parser,
-    format_bytes,
-    format_length,
-    median,
-    parse_length,
-    parse_lengths,
-    ratio,
-    read_peak,
-    reset_peak,
-    resolve_device,
-    run_or_oom,
-    smoke_defaults,
-    time_call,
-)
-from flashmorph.model.ops.liger import liger_linear_attention  # noqa: E402
+from bench.common import (OOM, Ratio, base_parser, format_bytes, format_length, median, parse_length, parse_lengths,
+                          ratio, read_peak, reset_peak, run_or_oom, start, time_call)
+from flashmorph.model.ops.liger import liger_linear_attention
 
 BACKENDS = ("fla", "naive", "sdpa")
 PASSES = ("fwd", "fwd+bwd")
@@ -136,14 +113,12 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    args = smoke_defaults(parser.parse_args(argv), lengths=[64, 128], naive_max_len=128, heads=4, kv_heads=2,
-                          head_dim=16)
+    args, device, dtype, results = start(parser, argv, "attention_kernels", TITLE, lengths=[64, 128],
+                                         naive_max_len=128, heads=4, kv_heads=2, head_dim=16)
     passes = [p for p in args.passes.split(",") if p]
     unknown = sorted(set(passes) - set(PASSES))
     if unknown or args.heads % args.kv_heads:
         raise SystemExit(f"error: --passes {unknown} unknown (use {PASSES}) or --heads not a multiple of --kv-heads")
-    device, dtype = resolve_device(args.device, args.smoke)
-    results = Results("attention_kernels", TITLE, args, device, "bench/attention_kernels.py", argv)
     backends = available_backends(device)
 
     ratios = []
@@ -173,8 +148,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
              "warm-up call(s)"]
     if "fla" not in backends:
         notes.append("fla needs CUDA: on CPU the table compares the naive torch path with SDPA")
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

@@ -6,34 +6,13 @@ only; each is warmed up at each length before timing (fla autotunes at its first
 timed steps is taken. The softmax-only step is also the frozen model's own step, so the table gives the gate-search
 overhead over it as well.
 
-    python bench/branch_cost.py --shape llama3-8b --lengths 8K,32K --out runs/bench
+    python -m bench.branch_cost --shape llama3-8b --lengths 8K,32K --out runs/bench
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    Ratio,
-    Results,
-    base_parser,
-    format_length,
-    median,
-    parse_lengths,
-    ratio,
-    resolve_device,
-    retrieval_batch,
-    run_or_oom,
-    smoke_defaults,
-    time_call,
-)
-from bench.morph_steps import MODES, build_morphable, set_mode, train_step  # noqa: E402
+from bench.common import Ratio, format_length, median, ratio, retrieval_batch, run_or_oom, start, time_call
+from bench.morph_steps import MODES, build_morphable, set_mode, step_parser, train_step
 
 TITLE = "P2: cost of running both branches in one step"
 TARGET = "<= 1.10"
@@ -49,14 +28,7 @@ def time_mode(model, batch, mode: str, device, warmup: int, iters: int) -> float
 
 
 def main(argv: list[str] | None = None) -> list[Ratio]:
-    parser = base_parser(__doc__, default_shape="llama3-8b")
-    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("8K,32K"), help="tokens per sample")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="activation checkpointing (default on, as gate search runs)")
-    args = smoke_defaults(parser.parse_args(argv), lengths=[64, 128])
-    device, dtype = resolve_device(args.device, args.smoke)
-    results = Results("branch_cost", TITLE, args, device, "bench/branch_cost.py", argv)
+    args, device, dtype, results = start(step_parser(__doc__), argv, "branch_cost", TITLE, lengths=[64, 128])
 
     model = build_morphable(args.shape, device, dtype, checkpointing=args.checkpointing, seed=args.seed)
     vocab = model.lm.config.vocab_size
@@ -78,8 +50,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
         results.set_ratios(ratios)
     notes = [f"shape {args.shape}, activation checkpointing {'on' if args.checkpointing else 'off'}, "
              f"median of {args.iters} steps after {args.warmup} warm-up step(s) per mode and length"]
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Shared pieces of the GPU benchmarks: Llama-3 shapes built on the device with random weights, timing with CUDA
-events after warm-up, peak memory, and one JSON results file per benchmark (device, date, versions, command)."""
+events after warm-up, peak memory, and one JSON results file per benchmark (device, date, versions, command).
+
+Every benchmark runs as a module from the repository root (`python -m bench.attention_kernels --smoke`) and starts
+from the same header: base_parser() for the arguments every benchmark takes, start() for smoke defaults, device and
+results file."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -184,6 +188,11 @@ def largest_fitting_length(fits: Callable[[int], bool], start: int, limit: int, 
             good = nxt
         else:
             bad = nxt
+    return bisect_length(fits, good, bad, granularity)
+
+
+def bisect_length(fits: Callable[[int], bool], good: int, bad: int, granularity: int) -> int:
+    """The longest fitting multiple of `granularity` between `good` (fits) and `bad` (does not), by bisection."""
     while bad - good > granularity:
         mid = (good + bad) // 2 // granularity * granularity
         if mid <= good:
@@ -256,6 +265,23 @@ def smoke_defaults(args: argparse.Namespace, **overrides) -> argparse.Namespace:
     return args
 
 
+class Run(NamedTuple):
+    """What a benchmark's main() starts from: its arguments (smoke defaults applied), device, dtype, results file."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    results: Results
+
+
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, name: str, title: str, **smoke) -> Run:
+    """Parse argv, apply smoke_defaults(**smoke) under --smoke, resolve the device and open <out>/<name>.json for the
+    module bench.<name>."""
+    args = smoke_defaults(parser.parse_args(argv), **smoke)
+    device, dtype = resolve_device(args.device, args.smoke)
+    return Run(args, device, dtype, Results(name, title, args, device, f"bench.{name}", argv))
+
+
 # ------------------------------------------------------------------------------------------------ results
 
 
@@ -292,8 +318,9 @@ def format_table(title: str, ratios: Sequence[Ratio]) -> str:
     return "\n".join(lines)
 
 
-def environment(device: torch.device, script: str, argv: Sequence[str]) -> dict[str, Any]:
-    """Device, date, the exact command and the software versions, recorded with every result."""
+def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Device, date, the exact command (`python -m <module> ...`) and the software versions, recorded with every
+    result."""
     from flashmorph.run_dir import collect_versions
 
     if device.type == "cuda":
@@ -309,7 +336,7 @@ def environment(device: torch.device, script: str, argv: Sequence[str]) -> dict[
     return {
         "device": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", script, *argv]),
+        "command": shlex.join(["python", "-m", module, *argv]),
         "hostname": platform.node(),
         "versions": versions,
     }
@@ -333,13 +360,13 @@ class Results:
     Rewritten after every change, so a run stopped by its time limit keeps what it had measured ("complete": false).
     """
 
-    def __init__(self, name: str, title: str, args: argparse.Namespace, device: torch.device, script: str,
+    def __init__(self, name: str, title: str, args: argparse.Namespace, device: torch.device, module: str,
                  argv: Sequence[str] | None):
         self.path = Path(args.out) / f"{name}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         argv = list(sys.argv[1:] if argv is None else argv)
         self.data: dict[str, Any] = {"benchmark": name, "title": title,
-                                     "environment": environment(device, script, argv), "args": vars(args),
+                                     "environment": environment(device, module, argv), "args": vars(args),
                                      "rows": [], "ratios": [], "notes": [], "complete": False}
         self.write()
 
@@ -357,14 +384,14 @@ class Results:
         self.data["ratios"] = [asdict(r) | {"met": r.met()} for r in ratios]
         self.write()
 
-    def finish(self, ratios: Sequence[Ratio], notes: Sequence[str] = ()) -> str:
-        """Record the ratios and notes, mark the file complete, print the table (and return it)."""
+    def finish(self, ratios: list[Ratio], notes: Sequence[str] = ()) -> list[Ratio]:
+        """Record the ratios and notes, mark the file complete, print the table; return the ratios (what a
+        benchmark's main() returns)."""
         self.data["notes"] = list(notes)
         self.data["complete"] = True
         self.set_ratios(ratios)
-        text = render(self.data)
-        print("\n" + text, flush=True)
-        return text
+        print("\n" + render(self.data), flush=True)
+        return ratios
 
     def write(self) -> None:
         from flashmorph.checkpoint.atomic import atomic_write_text

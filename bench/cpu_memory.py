@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh subprocess and reports its ru_maxrss, so imports and allocator state of
 one never leak into another:
-    python bench/cpu_memory.py --model runs/embedded/teacher --batch 64 --seq-len 34 --steps 20
+    python -m bench.cpu_memory --model runs/embedded/teacher --batch 64 --seq-len 34 --steps 20
 """
 
 import argparse

@@ -30,54 +30,26 @@ backward, optimizer step, on random tokens at batch 1.
        With --time-budget-s, a probe whose predicted time (measured seconds per FLOP x its FLOPs, plus a rebuild)
        does not fit the remaining budget is not started: the result is then a lower bound, marked as such.
 
-    python bench/distill_step.py --shape llama3-8b --length 8K --estimate-lengths 8K,16K,32K --out runs/bench
+    python -m bench.distill_step --shape llama3-8b --length 8K --estimate-lengths 8K,16K,32K --out runs/bench
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    GIB,
-    OOM,
-    Ratio,
-    Results,
-    allocated,
-    base_parser,
-    build_lm,
-    format_bytes,
-    format_length,
-    free_memory,
-    largest_fitting_length,
-    median,
-    parse_length,
-    parse_lengths,
-    ratio,
-    read_peak,
-    reset_peak,
-    resolve_device,
-    retrieval_batch,
-    run_or_oom,
-    smoke_defaults,
-    synchronize,
-    time_call,
-)
-from bench.flops import attention_flops_per_token, matmul_params, mfu, model_flops_per_token, peak_flops  # noqa: E402
-from bench.hybrid_inference import layer_layouts  # noqa: E402
-from bench.morph_steps import build_morphable, enable_activation_checkpointing, set_mode, train_step  # noqa: E402
-from flashmorph.distill_config import DistillConfig  # noqa: E402
-from flashmorph.estimate import EstimateSetup, estimate, max_seq_len, shape_from_hf_config  # noqa: E402
+from bench.common import (GIB, OOM, Ratio, Results, allocated, base_parser, bisect_length, build_lm, format_bytes,
+                          format_length, free_memory, largest_fitting_length, median, parse_length, parse_lengths,
+                          ratio, read_peak, reset_peak, retrieval_batch, run_or_oom, start, synchronize, time_call)
+from bench.flops import attention_flops_per_token, matmul_params, mfu, model_flops_per_token, peak_flops
+from bench.hybrid_inference import layer_layouts
+from bench.morph_steps import build_morphable, enable_activation_checkpointing, set_mode, train_step
+from flashmorph.distill_config import DistillConfig
+from flashmorph.estimate import EstimateSetup, estimate, max_seq_len, shape_from_hf_config
 
 TITLE = "P5/P6: distillation step MFU, longest trainable context, memory estimator check"
 MFU_TARGET = ">= 0.45"
@@ -341,15 +313,7 @@ def search_longest(fits, good: int, limit: int, granularity: int, guess: int | N
                         bad = first - granularity
     if bad is None:
         return largest_fitting_length(fits, good, limit, granularity)  # fits(good) is known: no probe
-    while bad - good > granularity:
-        mid = (good + bad) // 2 // granularity * granularity
-        if mid <= good:
-            break
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
+    return bisect_length(fits, good, bad, granularity)
 
 
 def linear_guess(points: list[tuple[int, int]], device: torch.device) -> int | None:
@@ -631,13 +595,12 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--simulate-oom-above", type=int, default=0,
                         help="testing: raise an out-of-memory error in the backward of steps longer than this")
-    args = smoke_defaults(parser.parse_args(argv), length=64, estimate_lengths=[64, 128], gate_lengths=[64, 128],
-                          p6_start=64, p6_limit=256, p6_granularity=64, token_chunk=32, vocab_chunk=128)
-    device, dtype = resolve_device(args.device, args.smoke)
+    args, device, dtype, results = start(parser, argv, "distill_step", TITLE, length=64, estimate_lengths=[64, 128],
+                                         gate_lengths=[64, 128], p6_start=64, p6_limit=256, p6_granularity=64,
+                                         token_chunk=32, vocab_chunk=128)
     from flashmorph.parallel import distributed
 
     with distributed.distributed_session():  # ZeRO needs a process group: a world of one
-        results = Results("distill_step", TITLE, args, device, "bench/distill_step.py", argv)
         bench = Bench(args, device, dtype, results)
         try:
             for section in args.sections:
@@ -662,9 +625,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
         if bench.engines_not_freed:
             notes.append(f"{bench.engines_not_freed} dropped distill model(s) stayed referenced: later peaks and P6 "
                          "lengths are too pessimistic")
-        ratios = bench.ratios
-        results.finish(ratios, notes)
-    return ratios
+        return results.finish(bench.ratios, notes)
 
 
 if __name__ == "__main__":

@@ -8,36 +8,14 @@ every weight frozen, activation checkpointing on, backward reaching the input em
                      frozen model costs anyway, e.g. for a prompt or an adapter below it.
 Peaks are torch.cuda.max_memory_allocated over one step after a warm-up step, weights included.
 
-    python bench/gate_memory.py --shape llama3-8b --lengths 8K,32K --out runs/bench
+    python -m bench.gate_memory --shape llama3-8b --lengths 8K,32K --out runs/bench
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    OOM,
-    Ratio,
-    Results,
-    allocated,
-    base_parser,
-    format_bytes,
-    format_length,
-    measure_peak,
-    parse_lengths,
-    ratio,
-    resolve_device,
-    retrieval_batch,
-    run_or_oom,
-    smoke_defaults,
-)
-from bench.morph_steps import build_morphable, set_mode, train_step  # noqa: E402
+from bench.common import (OOM, Ratio, allocated, format_bytes, format_length, measure_peak, ratio, retrieval_batch,
+                          run_or_oom, start)
+from bench.morph_steps import build_morphable, set_mode, step_parser, train_step
 
 TITLE = "P1: gate-search peak memory vs frozen forward+backward"
 TARGET = "<= 1.10"
@@ -54,14 +32,7 @@ def measure_step_peak(model, batch, mode: str, device, warmup: int):
 
 
 def main(argv: list[str] | None = None) -> list[Ratio]:
-    parser = base_parser(__doc__, default_shape="llama3-8b")
-    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("8K,32K"), help="tokens per sample")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="activation checkpointing (default on, as gate search runs)")
-    args = smoke_defaults(parser.parse_args(argv), lengths=[64, 128])
-    device, dtype = resolve_device(args.device, args.smoke)
-    results = Results("gate_memory", TITLE, args, device, "bench/gate_memory.py", argv)
+    args, device, dtype, results = start(step_parser(__doc__), argv, "gate_memory", TITLE, lengths=[64, 128])
 
     model = build_morphable(args.shape, device, dtype, checkpointing=args.checkpointing, seed=args.seed)
     weights = allocated(device)  # weights and gates: what every peak includes
@@ -86,8 +57,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
              f"{str(dtype).removeprefix('torch.')} weights; peaks include the weights"]
     if any(OOM in (row["gate_search_peak_bytes"], row["frozen_fwd_bwd_peak_bytes"]) for row in results.rows):
         notes.append("a side ran out of memory at some length: its ratio is n/a")
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

@@ -12,46 +12,23 @@ layer full, "hybrid" keeps --budget of the layers full (evenly spaced, from laye
            (a layout whose cache does not fit records "oom": at 128K x8 the softmax cache alone is 128 GiB for 8B).
   bytes:   flashmorph.model.hybrid_cache.cache_nbytes of the cache after a prefill (else of the filled cache).
 
-    python bench/hybrid_inference.py --shape llama3-8b --prefill-lengths 8K,32K,64K,128K --decode-lengths 32K,128K \
+    python -m bench.hybrid_inference --shape llama3-8b --prefill-lengths 8K,32K,64K,128K --decode-lengths 32K,128K \
         --decode-batches 1,8
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    Ratio,
-    Results,
-    base_parser,
-    format_bytes,
-    build_lm,
-    format_length,
-    measure_peak,
-    read_peak,
-    reset_peak,
-    median,
-    parse_lengths,
-    ratio,
-    resolve_device,
-    run_or_oom,
-    smoke_defaults,
-    synchronize,
-    time_call,
-)
-from flashmorph.model.config import MorphConfig  # noqa: E402
-from flashmorph.model.hybrid import apply_hybrid_layout, make_hybrid_cache  # noqa: E402
-from flashmorph.model.hybrid_cache import RecurrentStateLayer, cache_nbytes  # noqa: E402
-from flashmorph.selection.baselines import periodic_indices  # noqa: E402
-from flashmorph.selection.discretize import resolve_budget  # noqa: E402
+from bench.common import (Ratio, base_parser, build_lm, format_bytes, format_length, measure_peak, median,
+                          parse_lengths, ratio, read_peak, reset_peak, run_or_oom, start, synchronize, time_call)
+from flashmorph.model.config import MorphConfig
+from flashmorph.model.hybrid import apply_hybrid_layout, make_hybrid_cache
+from flashmorph.model.hybrid_cache import RecurrentStateLayer, cache_nbytes
+from flashmorph.selection.baselines import periodic_indices
+from flashmorph.selection.discretize import resolve_budget
 
 TARGET_LENGTH = 131072  # the targets are stated at 128K; other lengths are reported without one
 TARGETS = {"prefill": ">= 2.0", "decode": ">= 3.0", "bytes": "<= 0.26"}
@@ -212,10 +189,8 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
     parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps")
     parser.add_argument("--warmup-tokens", type=int, default=4, help="untimed decode steps first")
     parser.set_defaults(iters=2)
-    args = smoke_defaults(parser.parse_args(argv), prefill_lengths=[64, 128], decode_lengths=[64], decode_tokens=4,
-                          warmup_tokens=1)
-    device, dtype = resolve_device(args.device, args.smoke)
-    results = Results("hybrid_inference", TITLE, args, device, "bench/hybrid_inference.py", argv)
+    args, device, dtype, results = start(parser, argv, "hybrid_inference", TITLE, prefill_lengths=[64, 128],
+                                         decode_lengths=[64], decode_tokens=4, warmup_tokens=1)
 
     lm = build_lm(args.shape, device, dtype, seed=args.seed)
     layouts = layer_layouts(lm.config.num_hidden_layers, args.budget)
@@ -233,9 +208,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
              f"{[i for i, m in enumerate(layouts['hybrid']) if m == 'full']}",
              f"prefill: median of {args.iters} after {args.warmup} warm-up per layout and length; decode: "
              f"{args.decode_tokens} steps after {args.warmup_tokens} warm-up steps, from a filled cache"]
-    ratios = table(results.rows)
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(table(results.rows), notes)
 
 
 if __name__ == "__main__":

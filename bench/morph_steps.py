@@ -8,13 +8,26 @@ mode the gates get their gradients too. No optimizer step: AdamW over one scalar
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
-from bench.common import build_lm
+from bench.common import base_parser, build_lm, parse_lengths
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.morph import MorphableLM, apply_layer_modes
 
 MODES = {"mixed": "gate search (both branches)", "full": "softmax only", "linear": "linear only"}
+
+
+def step_parser(doc: str) -> argparse.ArgumentParser:
+    """base_parser plus what a benchmark of train_step at several lengths takes (P1, P2): lengths, batch,
+    checkpointing."""
+    parser = base_parser(doc, default_shape="llama3-8b")
+    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("8K,32K"), help="tokens per sample")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="activation checkpointing (default on, as gate search runs)")
+    return parser
 
 
 def enable_activation_checkpointing(lm) -> None:

@@ -22,8 +22,8 @@
 Every run's per-GPU peak (torch.cuda.max_memory_allocated, weights included; max over ranks) is set beside
 flashmorph.estimate's `allocated` for the same setup. Rank 0 writes <out>/multi_gpu_<n>_<step>.json after every row.
 
-    torchrun --standalone --nproc_per_node 2 bench/multi_gpu.py --steps nccl,gate --out runs/multi_gpu
-    torchrun --standalone --nproc_per_node 2 bench/multi_gpu.py --steps nccl,gate,sp,tp --smoke   # CPU, gloo
+    torchrun --standalone --nproc_per_node 2 -m bench.multi_gpu --steps nccl,gate --out runs/multi_gpu
+    torchrun --standalone --nproc_per_node 2 -m bench.multi_gpu --steps nccl,gate,sp,tp --smoke   # CPU, gloo
 """
 
 from __future__ import annotations
@@ -43,33 +43,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    GIB,
-    SHAPES,
-    Ratio,
-    Results,
-    allocated,
-    format_bytes,
-    format_length,
-    free_memory,
-    llama_config,
-    parse_length,
-    parse_lengths,
-    ratio,
-    read_peak,
-    reset_peak,
-    synchronize,
-)
-from bench.distill_step import dtype_name, random_tokens  # noqa: E402
-from bench.hybrid_inference import layer_layouts  # noqa: E402
-from bench.morph_steps import enable_activation_checkpointing  # noqa: E402
-from flashmorph.config import SearchConfig  # noqa: E402
-from flashmorph.distill_config import DistillConfig  # noqa: E402
-from flashmorph.estimate import EstimateSetup, estimate, shape_from_hf_config  # noqa: E402
+from bench.common import (GIB, ROOT, SHAPES, Ratio, Results, allocated, format_bytes, format_length, free_memory,
+                          llama_config, parse_length, parse_lengths, ratio, read_peak, reset_peak, synchronize)
+from bench.distill_step import dtype_name, random_tokens
+from bench.hybrid_inference import layer_layouts
+from bench.morph_steps import enable_activation_checkpointing
+from flashmorph.config import SearchConfig
+from flashmorph.distill_config import DistillConfig
+from flashmorph.estimate import EstimateSetup, estimate, shape_from_hf_config
 
 STEPS = ("nccl", "gate", "sp", "tp")
 RESULT_NAMES = {"nccl": "multi_gpu_1_nccl", "gate": "multi_gpu_2_gate_search", "sp": "multi_gpu_3_sequence_parallel",
@@ -137,9 +118,9 @@ class Report:
         self._keys: list[str | None] = []  # put()'s key of each line, None for ratio()'s
         if not world.is_main:
             return
-        self.results = Results(RESULT_NAMES[step], TITLES[step], args, world.device, "bench/multi_gpu.py", argv)
+        self.results = Results(RESULT_NAMES[step], TITLES[step], args, world.device, "bench.multi_gpu", argv)
         launcher = f"torchrun --standalone --nproc_per_node {world.size}" if world.size > 1 else "python"
-        self.results.data["environment"]["command"] = f"{launcher} bench/multi_gpu.py {shlex.join(argv)}"
+        self.results.data["environment"]["command"] = f"{launcher} -m bench.multi_gpu {shlex.join(argv)}"
         self.results.data["world"] = {"size": world.size, "backend": dist.get_backend(),
                                       "dtype": dtype_name(world.dtype)}
         self.results.write()
@@ -790,7 +771,7 @@ def _record_pid() -> Path | None:
     if not directory:
         return None
     path = Path(directory) / str(os.getpid())
-    path.write_text("bench/multi_gpu.py\n")
+    path.write_text("bench.multi_gpu\n")
     return path
 
 

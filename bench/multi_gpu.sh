@@ -11,7 +11,7 @@
 #          128K; 4 tp: distill (trainable linear) of the 1B hybrid with TP, loss and grad norm vs TP=1 at 8K
 #   smoke  the same steps with --smoke in ONE launch (tiny shapes, CPU, gloo): checks this script and the code
 # All launches share one deadline, BENCH_DEADLINE_S seconds from the start (default 520, for a 9-minute call);
-# a launch that would pass it is cut short and the ones after it are skipped. bench/multi_gpu.py --help: the steps.
+# a launch that would pass it is cut short and the ones after it are skipped. python -m bench.multi_gpu --help: the steps.
 # MULTI_GPU_STEPS picks launches ("sp tp": only those); BENCH_SAVE_TRITON_CACHE=1 writes $OUT/triton_cache.tgz
 # (if under 15 MiB) to put at .bench_cache/triton_cache.tgz for the next fresh machine, as run_gpu.sh does.
 # MULTI_GPU_ARGS adds arguments to every launch (e.g. "--gate-lengths 8K,32K"; "--smoke" runs the gpu sequence of
@@ -54,7 +54,7 @@ kill_leftovers() {  # workers of a launch that torchrun left behind (it was kill
     for file in "$PID_DIR"/*; do
         [[ -e $file ]] || continue
         pid=${file##*/}
-        if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "multi_gpu.py"; then
+        if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "bench.multi_gpu"; then
             log "   killing worker $pid left over by the launch"
             kill -9 "$pid" 2>/dev/null
         fi
@@ -62,16 +62,11 @@ kill_leftovers() {  # workers of a launch that torchrun left behind (it was kill
     done
 }
 
-launch() {  # name limit_s steps [extra args...]: one torchrun launch of bench/multi_gpu.py, cut at its limit
-    local name=$1 limit=$2 steps=$3
+launch() {  # name limit_s steps [extra args...]: one torchrun launch of bench.multi_gpu, cut at its limit
+    local name=$1 steps=$3
+    step_limit "$name" "$2" 10 || return
+    local limit=$LIMIT
     shift 3
-    local left=$(( DEADLINE - $(date +%s) - 10 ))
-    if (( left < 45 )); then
-        log "== $name: skipped, ${left}s left before the deadline"
-        STATUS+=("$name: skipped (deadline)")
-        return
-    fi
-    (( limit > left )) && limit=$left
     # the script's own soft limit leaves time for torchrun, imports and teardown around its steps
     local soft=$(( limit - 35 ))
     (( soft < 10 )) && soft=10
@@ -79,7 +74,7 @@ launch() {  # name limit_s steps [extra args...]: one torchrun launch of bench/m
     [[ $MODE == smoke ]] && smoke=(--smoke)
     local extra=()
     read -r -a extra <<< "${MULTI_GPU_ARGS:-}"
-    local cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" bench/multi_gpu.py
+    local cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m bench.multi_gpu
                --steps "$steps" --time-limit-s "$soft" --out "$OUT" ${smoke[@]+"${smoke[@]}"} "$@"
                ${extra[@]+"${extra[@]}"})
     log "== $name (limit ${limit}s): ${cmd[*]}"
@@ -113,15 +108,8 @@ else
         --warmup 1 --iters 3
 fi
 
-if [[ ${BENCH_SAVE_TRITON_CACHE:-0} == 1 && -d $TRITON_CACHE_DIR ]]; then  # for a later fresh machine
-    tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
-    if (( $(stat -c %s "$OUT/triton_cache.tgz") > 15 * 1024 * 1024 )); then
-        rm -f "$OUT/triton_cache.tgz"
-        log "== the Triton cache is over 15 MiB packed; not saved"
-    fi
-fi
-
-"$PYTHON" bench/multi_gpu.py --summary --out "$OUT" > "$OUT/multi_gpu.md" 2>>"$LOG"
+save_triton_cache
+"$PYTHON" -m bench.multi_gpu --summary --out "$OUT" > "$OUT/multi_gpu.md" 2>>"$LOG"
 {
     echo
     cat "$OUT/multi_gpu.md"

@@ -1,7 +1,7 @@
 """Where the time goes when a target is missed: torch-profiler tables of one hybrid prefill and of decode steps.
 
-    python bench/profile_step.py --shape llama3-8b --prefill-length 128K --decode-length 32K --out DIR
-    python bench/profile_step.py --smoke --out DIR        (CPU, tiny shape, seconds)
+    python -m bench.profile_step --shape llama3-8b --prefill-length 128K --decode-length 32K --out DIR
+    python -m bench.profile_step --smoke --out DIR        (CPU, tiny shape, seconds)
 
 Prints, for each measured call, the wall time, the time the GPU was busy (sum of kernel times) and the top kernels
 by GPU time; a wall time far above the busy time means the call is bound by Python/launch overhead, not the GPU.
@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import base_parser, build_lm, environment, parse_length, resolve_device, smoke_defaults, synchronize  # noqa: E402
-from bench.hybrid_inference import cache_kwarg, filled_cache, layer_layouts, prefill  # noqa: E402
-from flashmorph.model.config import MorphConfig  # noqa: E402
-from flashmorph.model.hybrid import apply_hybrid_layout  # noqa: E402
+from bench.common import base_parser, build_lm, environment, parse_length, resolve_device, smoke_defaults, synchronize
+from bench.hybrid_inference import cache_kwarg, filled_cache, layer_layouts, prefill
+from flashmorph.model.config import MorphConfig
+from flashmorph.model.hybrid import apply_hybrid_layout
 
 TOP = 12
 
@@ -65,7 +63,7 @@ def main(argv=None) -> dict:
     device, dtype = resolve_device(args.device, args.smoke)
     lm = build_lm(args.shape, device, dtype, seed=args.seed)
     layouts = layer_layouts(lm.config.num_hidden_layers, args.budget)
-    results = {"environment": environment(device, "bench/profile_step.py", sys.argv[1:] if argv is None else argv)}
+    results = {"environment": environment(device, "bench.profile_step", sys.argv[1:] if argv is None else argv)}
     prefill_ids = torch.randint(3, lm.config.vocab_size, (1, parse_length(args.prefill_length)), device=device)
     for name in layouts:
         apply_hybrid_layout(lm, layouts[name], MorphConfig())

@@ -42,21 +42,16 @@ print(f"== {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO C
       f"torch {torch.__version__}, transformers {transformers.__version__}")
 EOF
 
-run_step() {  # name limit_s script [args...]: run one benchmark, cut at its limit or at the shared deadline
-    local name=$1 limit=$2
+run_step() {  # name limit_s module [args...]: run one benchmark, cut at its limit or at the shared deadline
+    local name=$1
+    step_limit "$name" "$2" 20 || return
+    local limit=$LIMIT
     shift 2
-    local left=$(( DEADLINE - $(date +%s) - 20 ))
-    if (( left < 45 )); then
-        log "== $name: skipped, ${left}s left before the deadline"
-        STATUS+=("$name: skipped (deadline)")
-        return
-    fi
-    (( limit > left )) && limit=$left
-    log "== $name (limit ${limit}s): $PYTHON $* ${SMOKE[*]+${SMOKE[*]}} --out $OUT"
+    log "== $name (limit ${limit}s): $PYTHON -m $* ${SMOKE[*]+${SMOKE[*]}} --out $OUT"
     local start rc
     start=$(date +%s)
     # SIGINT first: python unwinds (the JSON already holds every finished row), SIGKILL 15 s later
-    timeout --signal=INT --kill-after=15 "$limit" "$PYTHON" "$@" ${SMOKE[@]+"${SMOKE[@]}"} --out "$OUT" 2>&1 \
+    timeout --signal=INT --kill-after=15 "$limit" "$PYTHON" -m "$@" ${SMOKE[@]+"${SMOKE[@]}"} --out "$OUT" 2>&1 \
         | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     STATUS+=("$name: exit $rc after $(( $(date +%s) - start ))s$( ((rc == 124)) && echo ' (time limit)')")
@@ -65,30 +60,23 @@ run_step() {  # name limit_s script [args...]: run one benchmark, cut at its lim
 wants() { [[ $PART == "$1" || $PART == all || $PART == smoke ]]; }  # does this run include part $1
 
 if wants part1; then
-    run_step "P1 gate_memory" 270 bench/gate_memory.py --shape "$SHAPE" --lengths 8K,32K
-    run_step "P3/P4 hybrid_inference" 300 bench/hybrid_inference.py --shape "$SHAPE" \
+    run_step "P1 gate_memory" 270 bench.gate_memory --shape "$SHAPE" --lengths 8K,32K
+    run_step "P3/P4 hybrid_inference" 300 bench.hybrid_inference --shape "$SHAPE" \
         --decode-lengths 32K,128K --decode-batches 1,8 --prefill-lengths 8K,32K,64K,128K
 fi
 if wants part2; then
-    run_step "P2 branch_cost" 240 bench/branch_cost.py --shape "$SHAPE" --lengths 8K,32K --iters 2
-    run_step "P7 selection_cost" 200 bench/selection_cost.py --shape llama3-1b --seq-len 8K --num-batches 4
-    run_step "attention_kernels" 120 bench/attention_kernels.py --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K
+    run_step "P2 branch_cost" 240 bench.branch_cost --shape "$SHAPE" --lengths 8K,32K --iters 2
+    run_step "P7 selection_cost" 200 bench.selection_cost --shape llama3-1b --seq-len 8K --num-batches 4
+    run_step "attention_kernels" 120 bench.attention_kernels --lengths 4K,8K,16K,32K,64K,128K --naive-max-len 16K
 fi
 if wants part3; then
     # one process: fla autotunes once (~100 s); P6 starts no probe predicted to end after --time-budget-s
-    run_step "P5/P6 distill_step" 420 bench/distill_step.py --shape "$SHAPE" --length 8K --warmup 2 --iters 3 \
+    run_step "P5/P6 distill_step" 420 bench.distill_step --shape "$SHAPE" --length 8K --warmup 2 --iters 3 \
         --estimate-lengths 8K,16K,32K --gate-lengths 8K,32K --p6-limit 512K --time-budget-s 360
 fi
 
-if [[ ${BENCH_SAVE_TRITON_CACHE:-0} == 1 && -d $TRITON_CACHE_DIR ]]; then
-    tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
-    if (( $(stat -c %s "$OUT/triton_cache.tgz") > 15 * 1024 * 1024 )); then
-        rm -f "$OUT/triton_cache.tgz"
-        log "== the Triton cache is over 15 MiB packed; not saved"
-    fi
-fi
-
-"$PYTHON" bench/summary.py "$OUT" > "$OUT/summary.md"
+save_triton_cache
+"$PYTHON" -m bench.summary "$OUT" > "$OUT/summary.md"
 {
     echo
     cat "$OUT/summary.md"

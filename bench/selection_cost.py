@@ -12,35 +12,19 @@ Each cost is linear in N (gate search N x step, the baselines N x (L+1) x forwar
 the JSON keeps seconds per batch for other counts. One untimed warm-up of each method first (Triton autotuning).
 GPU time = the method's wall time on one GPU, synchronised before and after.
 
-    python bench/selection_cost.py --shape llama3-1b --seq-len 8K --num-batches 4 --out runs/bench
+    python -m bench.selection_cost --shape llama3-1b --seq-len 8K --num-batches 4 --out runs/bench
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    Ratio,
-    Results,
-    base_parser,
-    format_length,
-    parse_length,
-    ratio,
-    resolve_device,
-    smoke_defaults,
-    synchronize,
-)
-from bench.morph_steps import build_morphable, set_mode  # noqa: E402
-from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace  # noqa: E402
-from flashmorph.selection import SELECTION_SPLIT, heldout_batches, kl_layout, leave_one_out_layout  # noqa: E402
+from bench.common import Ratio, base_parser, format_length, parse_length, ratio, start, synchronize
+from bench.morph_steps import build_morphable, set_mode
+from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
+from flashmorph.selection import SELECTION_SPLIT, heldout_batches, kl_layout, leave_one_out_layout
 
 TITLE = "P7: selection cost, gate search vs leave-one-out and KL-guided"
 TARGET = ">= 5.0"
@@ -76,9 +60,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.25, help="fraction of layers kept full")
     parser.add_argument("--gate-lr", type=float, default=0.05)
-    args = smoke_defaults(parser.parse_args(argv), seq_len=64, num_batches=2)
-    device, dtype = resolve_device(args.device, args.smoke)
-    results = Results("selection_cost", TITLE, args, device, "bench/selection_cost.py", argv)
+    args, device, dtype, results = start(parser, argv, "selection_cost", TITLE, seq_len=64, num_batches=2)
 
     model = build_morphable(args.shape, device, dtype, checkpointing=True, seed=args.seed)
     config = model.lm.config
@@ -111,8 +93,7 @@ def main(argv: list[str] | None = None) -> list[Ratio]:
                     detail["kl"])]
     notes = [f"shape {args.shape} ({config.num_hidden_layers} layers), budget {args.budget}; every method ran fully "
              f"on the same {len(batches)} batches (no extrapolation)"]
-    results.finish(ratios, notes)
-    return ratios
+    return results.finish(ratios, notes)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ if [[ $MODE == first ]]; then
     to_bf16 /tmp/proxy_teacher
     MINUTES=${EXPERIMENT_MINUTES:-3.5}
 elif [[ $MODE == sweep ]]; then
-    "$PYTHON" "$ROOT/bench/teacher_sweep.py" --variants "$ROOT/bench/teacher_sweep.yaml" \
+    "$PYTHON" -m bench.teacher_sweep --variants "$ROOT/bench/teacher_sweep.yaml" \
         --only "${SWEEP_VARIANTS:-v_b256,v_b256_text32,v_b256_text64}" \
         --minutes "${SWEEP_MINUTES:-4}" --out "$OUT/teacher_sweep.json" --work /tmp/sweep 2>&1 | tee -a "$LOG"
     for f in /tmp/sweep/*.log; do echo "== $f"; grep -E "stage|teacher:|step [0-9]*000/" "$f"; done > "$OUT/sweep_logs.txt"

@@ -1,6 +1,6 @@
 """Print every benchmark table found in a results directory (the JSON files bench/*.py write), as markdown.
 
-    python bench/summary.py runs/bench_gpu > summary.md
+    python -m bench.summary runs/bench_gpu > summary.md
 """
 
 from __future__ import annotations
@@ -9,11 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import render  # noqa: E402
+from bench.common import render
 
 ORDER = ("gate_memory", "hybrid_inference", "branch_cost", "selection_cost", "attention_kernels")  # as run_gpu.sh runs them
 
@@ -34,7 +30,7 @@ def summarize(out_dir: str | Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python bench/summary.py RESULTS_DIR")
+        raise SystemExit("usage: python -m bench.summary RESULTS_DIR")
     print(summarize(argv[0]))
 
 

@@ -2,7 +2,7 @@
 in its own process with a wall-clock budget, and write one JSON of what each reached (stages advanced, held-out
 recall, text perplexity, steps/s). The stage itself (flashmorph.stages.teacher) does the training.
 
-    python bench/teacher_sweep.py --variants bench/teacher_sweep.yaml --minutes 7 --out $OUT/teacher_sweep.json \
+    python -m bench.teacher_sweep --variants bench/teacher_sweep.yaml --minutes 7 --out $OUT/teacher_sweep.json \
         --work /tmp/teacher_sweep
 
 A variant that runs out of time stops like a preempted job (checkpoint + Preempted) and is reported with the
@@ -19,10 +19,7 @@ from pathlib import Path
 
 import yaml
 
-# the checkout instead of bench/ itself: run without installing, and no bench module can shadow an installed package
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from flashmorph.config import TeacherConfig, validate_teacher  # noqa: E402
+from flashmorph.config import TeacherConfig, validate_teacher
 
 
 def _run_variant(name: str, fields: dict, out_dir: str, seconds: float, queue) -> None:

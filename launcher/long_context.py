@@ -4,12 +4,11 @@
     python launcher/long_context.py --config recipes/embedded_long_context.yaml     # one process
 """
 
+import runpy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # launcher/ is not a package; share distill's CLI
-
-from distill import main  # noqa: E402
-
 if __name__ == "__main__":
-    sys.exit(main(stage="long_context"))
+    # launcher/ is not a package: run distill.py's definitions (not its __main__ block), then its main as this stage
+    distill = runpy.run_path(str(Path(__file__).with_name("distill.py")), run_name="distill_launcher")
+    sys.exit(distill["main"](stage="long_context"))

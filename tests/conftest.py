@@ -1,14 +1,9 @@
 """Shared fixtures: one builder of tiny models, and one helper that runs a function in N gloo processes."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Folders whose modules land on sys.path when a script there runs (python bench/x.py puts bench/ first).
+# Folders whose modules land on sys.path when a script there runs by its path (python tools/x.py puts tools/ first).
 SCRIPT_DIRS = ("bench", "launcher", "tools", "scripts", "tests")
 
 

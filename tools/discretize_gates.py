@@ -16,7 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.cli_args import ArgumentParser, run_tool
+from flashmorph.errors import ConfigError
 from flashmorph.parallel.quiet import quiet_third_party
 
 METHODS = ("gates", "threshold", "periodic", "leave_one_out", "kl", "nll", "random")
@@ -27,13 +28,8 @@ PERIODIC_VARIANTS = ("keep_first", "keep_last", "keep_both", "centered")
 KL_POSITIONS = ("answer", "all")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description="Discretize gates (or run a selection baseline) into a hybrid.json layout.")
+    parser = ArgumentParser(description="Discretize gates (or run a selection baseline) into a hybrid.json layout.")
     parser.add_argument("--method", choices=METHODS, default="gates",
                         help="gates: top-k of the gates; threshold: gates >= --threshold; the rest are baselines")
     parser.add_argument("--gates", help="gates.safetensors written by gate search (--method gates/threshold)")
@@ -273,11 +269,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(run, args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.cli_args import ArgumentParser, run_tool
+from flashmorph.errors import ConfigError
 from flashmorph.estimate import (
     GIB,
     PRESETS,
@@ -40,11 +41,6 @@ ROWS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _full_layers(text: str) -> int | str:
     if text == "mixed":
         return text
@@ -55,8 +51,8 @@ def _full_layers(text: str) -> int | str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description="Estimate per-GPU memory (weights, gradients, optimizer, activations, logits) "
-                                 "and tokens per optimizer step of a flashmorph run.")
+    parser = ArgumentParser(description="Estimate per-GPU memory (weights, gradients, optimizer, activations, "
+                                        "logits) and tokens per optimizer step of a flashmorph run.")
     model = parser.add_argument_group("model (one of them; --preset/--model-dir override a recipe's model.path, "
                                       "which names a preset when it holds no config.json)")
     model.add_argument("--preset", choices=sorted(PRESETS), help="a published model shape")
@@ -288,12 +284,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

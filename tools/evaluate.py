@@ -15,15 +15,11 @@ import logging
 import re
 import sys
 
+from flashmorph.cli_args import ArgumentParser as _Parser  # the tools' shared one-line-error parser
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.parallel.quiet import quiet_third_party
 
 TASKS = ("mqar", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")  # = flashmorph.data
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,6 +16,7 @@ import stat
 import sys
 from pathlib import Path
 
+from flashmorph.cli_args import ArgumentParser, fail
 from flashmorph.errors import ConfigError, FlashMorphError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +37,9 @@ EXAMPLES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Generate an sbatch script that runs one flashmorph stage with one torchrun per node.")
+    parser = ArgumentParser(
+        description="Generate an sbatch script that runs one flashmorph stage with one torchrun per node.")
     parser.add_argument("--config", help="recipe YAML as the job sees it, e.g. recipes/llama3_70b_gate_search.yaml")
     parser.add_argument("--stage", choices=STAGES, help="stage to run (default: from the recipe's file name)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -250,8 +247,7 @@ def main(argv=None) -> int:
             return 0
         text = render(argv)
     except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     if not args.output:
         sys.stdout.write(text)
         return 0

@@ -25,17 +25,14 @@ import logging
 import os
 import sys
 
+from flashmorph.cli_args import ArgumentParser, fail
+
 FORMATS = ("zero3", "hf", "tp")  # mirrored from flashmorph.checkpoint.reshard, which imports torch
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.split("\n\n")[0],
-                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="format of --src")
     parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="format to write")
     parser.add_argument("--src", required=True, help="source directory (for zero3: the one holding `latest` or "
@@ -71,8 +68,7 @@ def main(argv=None) -> int:
                       config_dir=args.config, force=args.force, max_shard_size=args.max_shard_size,
                       show_progress=not args.no_progress)
     except FlashMorphError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     print(f"wrote {args.dst_format} checkpoint {out}")
     return 0
 

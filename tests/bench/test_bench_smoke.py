@@ -3,15 +3,9 @@
 
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +18,7 @@ def one_torch_thread():
 
 
 def run_smoke(name: str, tmp_path, capsys, *extra: str) -> dict:
-    """Run bench/<name>.py --smoke in-process; check its results file and table; return the file's contents."""
+    """Run bench.<name> --smoke in-process; check its results file and table; return the file's contents."""
     module = importlib.import_module(f"bench.{name}")
     ratios = module.main(["--smoke", "--out", str(tmp_path), *extra])
     printed = capsys.readouterr().out
@@ -32,7 +26,7 @@ def run_smoke(name: str, tmp_path, capsys, *extra: str) -> dict:
     assert data["complete"] is True and data["benchmark"] == name
     env = data["environment"]
     assert env["device"].startswith("cpu") and env["date"]
-    assert env["command"].startswith(f"python bench/{name}.py --smoke --out ")
+    assert env["command"].startswith(f"python -m bench.{name} --smoke --out ")
     assert env["versions"]["torch"] != "not installed" and "transformers" in env["versions"]
     table = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| measurement")]
     assert len(table) == len(data["ratios"]) == len(ratios) > 0

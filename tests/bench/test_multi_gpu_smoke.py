@@ -1,4 +1,4 @@
-"""bench/multi_gpu.sh in its smoke mode: one torchrun launch of bench/multi_gpu.py with 2 gloo ranks on CPU (tiny
+"""bench/multi_gpu.sh in its smoke mode: one torchrun launch of bench.multi_gpu with 2 gloo ranks on CPU (tiny
 shapes), through the same launch, time-limit and summary code the GPU run uses; every step's checks must pass."""
 
 import json
@@ -28,7 +28,7 @@ def load(out: Path, name: str) -> dict:
     data = json.loads((out / f"multi_gpu_{name}.json").read_text())
     assert data["complete"] is True and "in_progress" not in data
     assert data["world"]["size"] == 2 and data["world"]["backend"] == "gloo"
-    assert data["environment"]["command"].startswith("torchrun --standalone --nproc_per_node 2 bench/multi_gpu.py")
+    assert data["environment"]["command"].startswith("torchrun --standalone --nproc_per_node 2 -m bench.multi_gpu")
     return data
 
 
