@@ -288,7 +288,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
 
 
 def validate_teacher(teacher: TeacherConfig) -> None:
-    from flashmorph.model.tiny import FAMILIES
+    from flashmorph.model.families import SUPPORTED_MODEL_TYPES as FAMILIES
 
     if teacher.family not in FAMILIES:
         raise ConfigError(f"teacher.family={teacher.family!r} is unknown; use one of {FAMILIES}")

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from flashmorph.config import DTYPES
 from flashmorph.errors import FlashMorphError
+from flashmorph.model.families import SUPPORTED_MODEL_TYPES
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the recipe's dtype names -> torch dtypes
 
 
