@@ -182,6 +182,14 @@ def collect_versions() -> dict[str, Any]:
     return versions
 
 
+def check_resume(path: str | os.PathLike, resume: bool) -> None:
+    """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run."""
+    run_dir = Path(path).expanduser()
+    if resume and not run_dir.is_dir():
+        raise FlashMorphError(f"--resume: run_dir {run_dir} does not exist, so there is nothing to resume; fix "
+                              "run.run_dir, or drop --resume to start a new run")
+
+
 def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, resume: bool) -> Path:
     """Create the run dir with checkpoints/ and tb/, write config.yaml and versions.json; return its path.
 
@@ -190,6 +198,7 @@ def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, res
     Rank 0 only.
     """
     run_dir = Path(path).expanduser().absolute()
+    check_resume(run_dir, resume)
     _create_writable_dir(run_dir)
     lock_run_dir(run_dir)
     has_checkpoints = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))

@@ -1,12 +1,13 @@
 """DeepSpeed ZeRO: config generation from a recipe, engine construction, gathering and checkpoints."""
 
-import json
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from flashmorph.parallel.deepspeed_json import read_deepspeed_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def build_ds_config(
         config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                               "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
     if override_file:
-        _deep_update(config, json.loads(Path(override_file).read_text()))
+        _deep_update(config, read_deepspeed_json(override_file))
     return config
 
 
