@@ -120,9 +120,20 @@ def save_engine_checkpoint(engine, directory: Path, client_state: dict) -> None:
 
 
 def load_engine_checkpoint(engine, directory: Path) -> dict:
-    """Restore trainable weights, optimizer and scheduler state; returns the client state."""
-    _, client_state = engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    """Restore trainable weights, optimizer and scheduler state; returns the client state.
+
+    DeepSpeed's loads run with weights_only forced on (checkpoint.safe_load): a file that asks to build anything but
+    tensors and the allow-listed DeepSpeed types is refused, never executed."""
+    from flashmorph.checkpoint.safe_load import is_refused_pickle, refused_pickle_error, weights_only_loads
+
+    try:
+        with weights_only_loads():
+            _, client_state = engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    except Exception as err:
+        if is_refused_pickle(err):
+            raise refused_pickle_error(err, directory) from None
+        raise
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     return client_state
