@@ -290,3 +290,13 @@ def test_safetensors_header_lengths_are_checked_without_reading_tensors(tmp_path
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 100)
     with pytest.raises(ConfigError, match=r"is truncated \(\d+ bytes, its header needs \d+\)"):
         read_safetensors_header(path, "--model x")
+
+
+def test_null_optional_keys_take_the_default_as_real_configs_write_them(good_dir, tmp_path):
+    """Mistral writes "head_dim": null, older Llama configs omit num_key_value_heads: neither is an error."""
+    from flashmorph.model.hf_dir import validate_model_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(good_dir, model_dir)
+    _edit_config(model_dir, head_dim=None, intermediate_size=None, num_key_value_heads=2)
+    assert validate_model_dir(model_dir)["head_dim"] == 16

@@ -42,7 +42,9 @@ def read_model_config(model_dir: str | Path, name: str | None = None) -> dict:
 
 
 def _int_field(config: dict, key: str, where: str, default=None) -> int:
-    value = config.get(key, default)
+    value = config.get(key)
+    if value is None:  # absent or null (e.g. Mistral's "head_dim": null): the family's default, where it has one
+        value = default
     if value is None:
         raise ConfigError(f"{where}: config.json has no {key}; add it (the value of the model the weights belong to)")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
