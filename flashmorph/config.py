@@ -12,7 +12,7 @@ import yaml
 from flashmorph.data.config import DataConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.hf_dir import validate_model_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 REGULARIZERS = ("mean", "budget")
@@ -91,8 +91,10 @@ class ParallelConfig:
     def validate_deepspeed(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
-            raise ConfigError(f"parallel.deepspeed_config={self.deepspeed_config} does not exist; give a DeepSpeed JSON file or null")
+        if self.deepspeed_config is not None:
+            from flashmorph.parallel.deepspeed_json import check_deepspeed_values, read_deepspeed_json
+
+            check_deepspeed_values(read_deepspeed_json(self.deepspeed_config))
 
 
 @dataclass
@@ -224,13 +226,8 @@ def model_shape(recipe: GateSearchRecipe) -> dict[str, int]:
         t = recipe.teacher
         return {"num_layers": t.num_layers, "num_heads": t.num_heads, "num_kv_heads": t.num_kv_heads,
                 "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": 4 * t.hidden_size}
-    cfg = read_model_config(recipe.model.path, f"model.path={recipe.model.path}")
-    cfg = cfg.get("text_config", cfg)
-    heads = cfg["num_attention_heads"]
-    return {"num_layers": cfg["num_hidden_layers"], "num_heads": heads,
-            "num_kv_heads": cfg.get("num_key_value_heads") or heads,
-            "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
-            "intermediate_size": cfg.get("intermediate_size") or 4 * cfg["hidden_size"]}
+    # family, keys and their types, weights present and not truncated, tokenizer ids: hf_dir.validate_model_dir
+    return validate_model_dir(recipe.model.path, f"model.path={recipe.model.path}")
 
 
 def num_full_layers(budget: int | float, num_layers: int) -> int:
@@ -288,7 +285,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
 
 
 def validate_teacher(teacher: TeacherConfig) -> None:
-    from flashmorph.model.tiny import FAMILIES
+    from flashmorph.model.families import SUPPORTED_MODEL_TYPES as FAMILIES
 
     if teacher.family not in FAMILIES:
         raise ConfigError(f"teacher.family={teacher.family!r} is unknown; use one of {FAMILIES}")

@@ -10,7 +10,7 @@ from flashmorph.data.config import DataConfig
 from flashmorph.data.text_config import TextDataConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.hybrid import read_layout
+from flashmorph.model.layout import read_layout
 
 TRAINABLE_SETS = ("lora", "linear", "full")
 
@@ -92,13 +92,13 @@ def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> dict[
         raise ConfigError("student.layout is null; give the hybrid.json written by tools/discretize_gates.py")
     if not Path(student.layout).is_file():
         raise ConfigError(f"student.layout={student.layout} does not exist; write it with tools/discretize_gates.py")
-    if student.init_from is not None and not Path(student.init_from).is_dir():
-        raise ConfigError(f"student.init_from={student.init_from} does not exist; give a finished distill run directory")
     recipe.morph.validate()
     if recipe.morph.gate_granularity != "layer":
         raise ConfigError("morph.gate_granularity must be 'layer' for distillation: the student is a hybrid of whole layers")
     shape = model_shape(recipe)
     read_layout(student.layout, shape["num_layers"])  # one-line error if it does not fit the model
+    if student.init_from is not None:
+        check_init_from(student.init_from, distill.trainable, shape["num_layers"])
     _validate_distill(distill)
     parallel.validate_deepspeed()
     layout = layout_from_config(parallel, world_size)
@@ -141,3 +141,25 @@ def _validate_distill(d: DistillConfig) -> None:
                               f"(got seq_len={stage.seq_len}, steps={stage.steps})")
         previous = stage.seq_len
 
+
+
+def check_init_from(run_dir: str, trainable: str, num_layers: int) -> None:
+    """student.init_from must be a finished distill (or long-context) run of this model: its summary.json, and the
+    adapter/ (LoRA) or student/ (linear, full) it wrote, which is what the next stage loads."""
+    from flashmorph.model.hf_dir import validate_model_dir
+
+    where = f"student.init_from={run_dir}"
+    fix = "give the run.run_dir of a finished distill run"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{where} does not exist; {fix}")
+    if not (Path(run_dir) / "summary.json").is_file():
+        raise ConfigError(f"{where} holds no summary.json, so it is not a finished distill run; {fix}")
+    if trainable == "lora":
+        if not (Path(run_dir) / "adapter" / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"{where} holds no adapter/adapter_model.safetensors (a LoRA run writes it); {fix} "
+                              "with distill.trainable=lora")
+        return
+    student = validate_model_dir(Path(run_dir) / "student", f"{where} (its student/)")
+    if student["num_layers"] != num_layers:
+        raise ConfigError(f"{where}: its student has {student['num_layers']} layers but model.path has {num_layers}; "
+                          "continue from a run of the same model")

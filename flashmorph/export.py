@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.hf_dir import read_model_config, validate_model_dir
 from flashmorph.model.hybrid import SECTION_KEY, apply_hybrid_layout, parse_layout, read_hybrid_section, read_layout
-from flashmorph.model.load import SUPPORTED_MODEL_TYPES, TORCH_DTYPES
+from flashmorph.model.load import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -56,23 +56,6 @@ def check_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
     return out
 
 
-def _source_config(model_dir: str | os.PathLike):
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"--model {model_dir} holds no config.json; point it at a HF model directory")
-    try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(
-            f"--model {model_dir}: config.json does not load ({type(err).__name__}); fix or replace it"
-        ) from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"--model {model_dir} is a {config.model_type!r} model; flashmorph morphs {SUPPORTED_MODEL_TYPES}"
-        )
-    return config
-
-
 def export_hybrid(
     model_dir: str | os.PathLike,
     layout,
@@ -86,18 +69,18 @@ def export_hybrid(
 
     Every input is checked before any weight is read. Returns the output directory.
     """
-    source = _source_config(model_dir)
+    shape = validate_model_dir(model_dir, f"--model {model_dir}")  # family, keys, weight headers, tokenizer
     if isinstance(layout, (str, os.PathLike)):
-        modes = read_layout(layout, source.num_hidden_layers)
+        modes = read_layout(layout, shape["num_layers"])
     else:
-        modes = parse_layout(layout, source.num_hidden_layers)
+        modes = parse_layout(layout, shape["num_layers"])
     torch_dtype = resolve_dtype(dtype)
     check_out_dir(out_dir, force)
     morph_config = morph_config or MorphConfig()
     morph_config.validate()
 
     lm = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype or "auto", attn_implementation="sdpa", local_files_only=True
+        model_dir, dtype=torch_dtype or "auto", attn_implementation="sdpa", local_files_only=True, use_safetensors=True
     )
     apply_hybrid_layout(lm, modes, morph_config)
     return save_hybrid(lm, out_dir, force=force, tokenizer_from=model_dir)
@@ -167,6 +150,7 @@ def load_hybrid(path: str | os.PathLike, dtype=None, **from_pretrained_kwargs) -
     generates (KV cache for full layers, recurrent state for linear ones). dtype: None (as saved), a torch
     dtype or a name; other keyword arguments go to from_pretrained (e.g. device_map)."""
     path = Path(path)
+    validate_model_dir(path)  # family, keys, weight headers: one line before from_pretrained, never a traceback
     raw = read_model_config(path)
     modes, morph_config = read_hybrid_section(raw.get(SECTION_KEY), raw.get("num_hidden_layers"),
                                               where=str(path / "config.json"))

@@ -9,9 +9,7 @@ import argparse
 import sys
 
 from flashmorph.errors import FlashMorphError
-from flashmorph.parallel.distributed import distributed_session
-from flashmorph.parallel.quiet import quiet_third_party
-from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
+from flashmorph.parallel.quiet import quiet_third_party  # torch-free
 
 
 def stage_parser(description: str, example_recipe: str, example_override: str) -> argparse.ArgumentParser:
@@ -34,6 +32,10 @@ def run_stage(prepare, run) -> int:
     except FlashMorphError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # torch, DeepSpeed and the process group only once the recipe passed: a refusal stays a fraction of a second
+    from flashmorph.parallel.distributed import distributed_session
+    from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
+
     try:
         with distributed_session() as info, PreemptionGuard() as guard:
             run(recipe, info, guard)

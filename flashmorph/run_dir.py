@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 import flashmorph
-from flashmorph.checkpoint.atomic import atomic_write_text, list_checkpoints
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.checkpoint.atomic import atomic_write_text, list_checkpoints, verify
+from flashmorph.errors import CheckpointError, ConfigError, FlashMorphError
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,29 @@ def collect_versions() -> dict[str, Any]:
     return versions
 
 
+def check_resume(path: str | os.PathLike, resume: bool) -> None:
+    """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run."""
+    run_dir = Path(path).expanduser()
+    if not resume:
+        return
+    if not run_dir.is_dir():
+        raise FlashMorphError(f"--resume: run_dir {run_dir} does not exist, so there is nothing to resume; fix "
+                              "run.run_dir, or drop --resume to start a new run")
+    found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
+    if found and not any(_complete(ckpt) for ckpt in found):  # sizes only here; hashes are checked on resume
+        raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS_DIR} is "
+                              "complete (manifest missing or files truncated), so nothing was loaded or overwritten; "
+                              "restore one, or start a new run in another run_dir")
+
+
+def _complete(ckpt: Path) -> bool:
+    try:
+        verify(ckpt, deep=False)
+    except CheckpointError:
+        return False
+    return True
+
+
 def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, resume: bool) -> Path:
     """Create the run dir with checkpoints/ and tb/, write config.yaml and versions.json; return its path.
 
@@ -190,6 +213,7 @@ def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, res
     Rank 0 only.
     """
     run_dir = Path(path).expanduser().absolute()
+    check_resume(run_dir, resume)
     _create_writable_dir(run_dir)
     lock_run_dir(run_dir)
     has_checkpoints = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))

@@ -15,7 +15,7 @@ from flashmorph.config import load_recipe
 from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
 from flashmorph.errors import ConfigError
 from flashmorph.launch import run_stage, stage_parser
-from flashmorph.stages.distill import run_distill
+from flashmorph.run_dir import check_resume
 
 
 def parse_args(argv=None, description: str = "Distill a hybrid student from its original model.") -> argparse.Namespace:
@@ -29,12 +29,15 @@ def main(argv=None, stage: str = "distill") -> int:
         recipe = load_recipe(args.config, args.override, cls=DistillRecipe)
         # before any process group, model or file exists: the launcher already fixed the world size
         validate_distill_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        check_resume(recipe.run.run_dir, args.resume)
         if stage == "long_context" and not recipe.distill.length_schedule:
             raise ConfigError("distill.length_schedule is empty; the long-context stage needs a length curriculum, "
                               "e.g. [{seq_len: 8192, steps: 200}, {seq_len: 32768, steps: 100}]")
         return recipe
 
     def run(recipe, info, guard):
+        from flashmorph.stages.distill import run_distill  # torch-heavy: only after validation
+
         run_distill(recipe, info, resume=args.resume, show_progress=not args.no_progress, stage=stage,
                     preemption=guard)
 

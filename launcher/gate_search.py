@@ -13,7 +13,7 @@ import sys
 
 from flashmorph.config import load_recipe, validate_recipe
 from flashmorph.launch import run_stage, stage_parser
-from flashmorph.stages.gate_search import run_gate_search
+from flashmorph.run_dir import check_resume
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,9 +27,12 @@ def main(argv=None) -> int:
     def prepare():
         recipe = load_recipe(args.config, args.override)
         validate_recipe(recipe)  # before any process group, model or file exists
+        check_resume(recipe.run.run_dir, args.resume)
         return recipe
 
     def run(recipe, info, guard):
+        from flashmorph.stages.gate_search import run_gate_search  # torch-heavy: only after validation
+
         run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress, preemption=guard)
 
     return run_stage(prepare, run)

@@ -132,6 +132,10 @@ def main(argv=None) -> int:
     quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        # torch-free first, so a bad model directory is refused in a fraction of a second
+        from flashmorph.model.hf_dir import check_eval_model_dir
+
+        check_eval_model_dir(args.model, f"--model {args.model}")
         # imported here so that --help and argument errors answer without loading torch
         from flashmorph.evaluation import run_evaluation, to_markdown
 

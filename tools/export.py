@@ -26,6 +26,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_third_party()
     try:
+        # torch-free checks first, so a bad model directory or layout is refused in a fraction of a second
+        from flashmorph.model.hf_dir import validate_model_dir
+        from flashmorph.model.layout import read_layout
+
+        shape = validate_model_dir(args.model, f"--model {args.model}")
+        read_layout(args.layout, shape["num_layers"])
         # imported here so that --help and argument errors answer without loading torch
         from flashmorph.export import export_hybrid
 

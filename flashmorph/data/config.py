@@ -1,5 +1,6 @@
 """Settings of the synthetic retrieval data (task mix, lengths, haystack) and their validation."""
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,4 +154,34 @@ def text_builder(files: list[str]) -> str:
         builders.add(TEXT_BUILDERS[suffix])
     if len(builders) > 1:
         raise ConfigError(f"data.text_files mixes formats {sorted(builders)}; use files of one format")
+    check_text_contents(files, "data.text_files")
     return builders.pop()
+
+
+_TEXT_CHECK_BYTES = 256 << 20  # per file: a bad byte further in is found by the loader, after the run dir exists
+
+
+def check_text_contents(files: list[str], field: str) -> None:
+    """Refuse a corpus that cannot be used, before anything is written: a .txt/.json/.jsonl file that is not UTF-8
+    (checked over its first 256 MiB), or files that together hold no text at all (empty or blank). Parquet files are
+    binary and read by `datasets` later."""
+    any_text = False
+    for path in files:
+        if Path(path).suffix.lower() == ".parquet":
+            any_text = True  # its rows are only known once datasets reads it
+            continue
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        try:
+            with open(path, "rb") as f:
+                while offset < _TEXT_CHECK_BYTES and (chunk := f.read(1 << 20)):
+                    any_text = any_text or bool(decoder.decode(chunk).strip())
+                    offset += len(chunk)
+                if offset < _TEXT_CHECK_BYTES:
+                    decoder.decode(b"", final=True)  # a multi-byte character cut off at the end
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{field} entry {path!r} is not UTF-8 (bad byte near offset {offset + err.start}); "
+                              "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"{field} entry {path!r} is unreadable ({err.strerror or err}); fix its permissions") from None
+    if not any_text:
+        raise ConfigError(f"{field} {list(files)} hold no text (empty or blank files); give a non-empty corpus")

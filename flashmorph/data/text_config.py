@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flashmorph.data.config import TEXT_BUILDERS
+from flashmorph.data.config import TEXT_BUILDERS, check_text_contents
 from flashmorph.errors import ConfigError
 
 # text.format -> datasets packaged builder; "auto" picks it from the file suffix (TEXT_BUILDERS)
@@ -58,6 +58,7 @@ class TextDataConfig:
                 builders.add(TEXT_BUILDERS[suffix])
             if not Path(path).is_file():
                 raise ConfigError(f"text.files entry {path!r} does not exist; fix the path")
+        check_text_contents(self.files, "text.files")
         if self.format != "auto":
             return FORMAT_BUILDERS[self.format]
         if len(builders) > 1:

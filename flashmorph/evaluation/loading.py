@@ -9,7 +9,7 @@ from torch import nn
 
 from flashmorph.data.from_model import has_tokenizer
 from flashmorph.errors import ConfigError, FlashMorphError
-from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.hf_dir import check_eval_model_dir, read_model_config  # noqa: F401 (re-exported)
 from flashmorph.model.hybrid import SECTION_KEY
 from flashmorph.model.load import TORCH_DTYPES
 
@@ -40,7 +40,7 @@ def load_eval_model(model_dir: str | Path, dtype: str = "auto", device: str = "c
     a flashmorph section (so linear layers run as linear attention), else AutoModelForCausalLM."""
     check_dtype(dtype)
     target = check_device(device)
-    if is_hybrid_export(read_model_config(model_dir, f"--model {model_dir}")):
+    if is_hybrid_export(check_eval_model_dir(model_dir, f"--model {model_dir}")):
         try:
             from flashmorph import load_hybrid
         except (ImportError, AttributeError):
@@ -51,7 +51,8 @@ def load_eval_model(model_dir: str | Path, dtype: str = "auto", device: str = "c
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], local_files_only=True,
+                                                     use_safetensors=True)
     return model.to(target).eval()
 
 

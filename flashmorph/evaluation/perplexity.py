@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flashmorph.data.config import TEXT_BUILDERS
+from flashmorph.data.config import TEXT_BUILDERS, check_text_contents
 from flashmorph.errors import ConfigError
 from flashmorph.evaluation.forward import last_logits
 
@@ -57,6 +57,7 @@ class PerplexityConfig:
             builders.add(TEXT_BUILDERS[suffix])
         if len(builders) > 1:
             raise ConfigError(f"text files mix formats {sorted(builders)}; use files of one format")
+        check_text_contents(self.text_files, "--text-files")
         return builders.pop()
 
 

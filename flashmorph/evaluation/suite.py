@@ -13,11 +13,11 @@ from flashmorph.evaluation.loading import (
     is_hybrid_export,
     load_eval_model,
     load_eval_tokenizer,
-    read_model_config,
 )
 from flashmorph.evaluation.perplexity import PerplexityConfig, evaluate_perplexity
 from flashmorph.evaluation.report import write_report
 from flashmorph.evaluation.retrieval import RetrievalEvalConfig, evaluate_retrieval
+from flashmorph.model.hf_dir import check_eval_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def prepare(cfg: EvaluationConfig) -> _Prepared:
     check_device(cfg.device)
     if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ConfigError(f"--out {cfg.out} is a file; choose a directory path")
-    prepared = _Prepared(model_config=read_model_config(cfg.model, f"--model {cfg.model}"))
+    prepared = _Prepared(model_config=check_eval_model_dir(cfg.model, f"--model {cfg.model}"))
     if cfg.perplexity is not None:
         cfg.perplexity.validate()
         load_eval_tokenizer(cfg.model, "perplexity")  # the tokenizer check, before any weight is read

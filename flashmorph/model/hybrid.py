@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -18,61 +17,11 @@ from flashmorph import __version__
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.hybrid_cache import HybridCache, install_recurrent_layers
+from flashmorph.model.layout import HYBRID_MODES, check_layout, parse_layout, read_layout  # noqa: F401 (re-exported)
 from flashmorph.model.morph import apply_layer_modes
 
-HYBRID_MODES = ("full", "linear")
 SECTION_KEY = "flashmorph"  # the model config's attribute (and config.json key) that records the hybrid
 SECTION_FORMAT = 1
-_LAYOUT_FIX = "write it with tools/discretize_gates.py"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Layouts
-
-
-def check_layout(layer_modes, num_layers: int | None = None, where: str = "layout") -> list[str]:
-    """A list of "full"/"linear", one per layer; anything else is a one-line ConfigError naming `where`."""
-    if not isinstance(layer_modes, (list, tuple)) or not layer_modes:
-        raise ConfigError(f"{where} must list one of {HYBRID_MODES} per layer; {_LAYOUT_FIX}")
-    for idx, mode in enumerate(layer_modes):
-        if mode not in HYBRID_MODES:
-            raise ConfigError(f"{where}: layer {idx} is {mode!r}; each layer must be one of {HYBRID_MODES}")
-    if num_layers is not None and len(layer_modes) != num_layers:
-        raise ConfigError(
-            f"{where} has {len(layer_modes)} layers but the model has {num_layers}; use the layout made for this model"
-        )
-    return list(layer_modes)
-
-
-def parse_layout(data, num_layers: int | None = None, where: str = "layout") -> list[str]:
-    """Layer modes from a parsed hybrid.json (its "layer_types", or "layers"), a layout object with
-    `to_dict()` (flashmorph.selection's HybridLayout), or a plain list."""
-    if hasattr(data, "to_dict"):
-        data = data.to_dict()
-    if isinstance(data, dict):
-        key = next((k for k in ("layer_types", "layers") if k in data), None)
-        if key is None:
-            raise ConfigError(f"{where} has no 'layer_types' list of {HYBRID_MODES}; {_LAYOUT_FIX}")
-        for idx, row in enumerate(data.get("full_heads") or []):
-            if isinstance(row, list) and any(row) and not all(row):
-                raise ConfigError(
-                    f"{where}: layer {idx} keeps softmax in some heads only; head-level hybrids cannot run as a "
-                    "hybrid model yet, discretize by layer"
-                )
-        data = data[key]
-    return check_layout(data, num_layers, where)
-
-
-def read_layout(path: str | Path, num_layers: int | None = None) -> list[str]:
-    """Layer modes from a hybrid.json file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"layout {path} does not exist; {_LAYOUT_FIX}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"layout {path} is not readable JSON ({type(err).__name__}); {_LAYOUT_FIX}") from None
-    return parse_layout(data, num_layers, where=str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------

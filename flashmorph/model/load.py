@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flashmorph.config import DTYPES
-from flashmorph.errors import FlashMorphError
+from flashmorph.model.families import SUPPORTED_MODEL_TYPES  # noqa: F401 (re-exported: the one families table)
+from flashmorph.model.hf_dir import validate_model_dir
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the recipe's dtype names -> torch dtypes
 
 
@@ -17,13 +17,11 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_causal_lm(model_dir: str | Path, dtype: str = "bfloat16"):
-    """from_pretrained on a local directory (never the hub), softmax path on SDPA, in eval mode."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FlashMorphError(f"{model_dir} holds no config.json; point model.path at a HF model directory")
+    """from_pretrained on a local directory (never the hub, never a pickle), softmax path on SDPA, in eval mode.
+
+    The directory is validated first (family, config keys, weight headers, tokenizer ids), so a bad one is refused
+    with one line before any weight is read."""
+    validate_model_dir(model_dir, f"model.path={model_dir}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), attn_implementation="sdpa",
-                                                 local_files_only=True)
-    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise FlashMorphError(
-            f"model type {model.config.model_type!r} is not supported; flashmorph morphs {SUPPORTED_MODEL_TYPES}")
+                                                 local_files_only=True, use_safetensors=True)
     return model.eval()

@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from flashmorph.errors import FlashMorphError
 from flashmorph.model.config import MorphConfig
+from flashmorph.model.families import check_family
 from flashmorph.model.gates import MorphGates
 from flashmorph.model.hybrid_cache import RecurrentStateLayer, recurrent_layer
 from flashmorph.model.ops.liger import liger_linear_attention, liger_linear_attention_with_state
@@ -27,7 +28,30 @@ from flashmorph.model.rope import undo_rope
 # Never put "flash" in this name: transformers would treat it as a flash-attention request.
 ATTN_KEY = "morph"
 LAYER_MODES = ("mixed", "full", "linear")
-_SOFTMAX_FUNCTIONS = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
+
+
+def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """eager attention adds its mask to the scores, but the morph key registers SDPA's mask builder, which gives a
+    boolean mask (True = attend), or None where SDPA relies on is_causal. Either becomes eager's additive float mask;
+    without this, eager attention would see no causal mask at all."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask  # already additive
+    if attention_mask is None:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        # the queries are the last q_len positions of the kv_len keys (a prefill, or a decode step after a cache)
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = attention_mask[None, None]  # [1, 1, q_len, kv_len]
+    additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    return additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+
+
+def _eager_softmax(module, query, key, value, attention_mask, **kwargs):
+    return eager_attention_forward(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
+
+
+_SOFTMAX_FUNCTIONS = {"sdpa": sdpa_attention_forward, "eager": _eager_softmax}
+# attention kwargs that change the softmax in ways neither branch reproduces; families.py refuses such models up front
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux")
 
 
 @dataclass
@@ -72,6 +96,10 @@ def morph_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     spec: LayerMorph | None = getattr(module, "morph", None)
     if spec is None:
         raise FlashMorphError(f"attention module {type(module).__name__} was not morphed; call morph_model first")
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise FlashMorphError(f"{type(module).__name__} passes {name}= to its attention, which the morph attention "
+                                  "would drop; this model family is not supported (see flashmorph/model/families.py)")
     softmax_fn = _SOFTMAX_FUNCTIONS[spec.config.softmax_impl]
     gate_values = kwargs.pop("morph_gates", None)
     cache = kwargs.pop("morph_cache", None)
@@ -120,6 +148,7 @@ def _rotary(lm: nn.Module) -> nn.Module:
 
 def apply_layer_modes(lm: nn.Module, config: MorphConfig, modes: list[str]) -> None:
     """Attach a LayerMorph to every attention module and switch the model to the morph attention."""
+    check_family(lm.config.to_dict(), f"{type(lm).__name__}")  # before anything is changed on the model
     modules = attention_modules(lm)
     if len(modes) != len(modules):
         raise FlashMorphError(f"got {len(modes)} layer modes for a model with {len(modules)} layers")

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+from flashmorph.model.families import SUPPORTED_MODEL_TYPES as FAMILIES
 
 
 def tiny_config(

@@ -4,10 +4,12 @@ process groups (megatron-core's parallel_state) and the `mpu` object DeepSpeed p
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from flashmorph.errors import ConfigError, FlashMorphError
+
+if TYPE_CHECKING:  # torch.distributed is imported where groups are made, so recipe checks stay torch-free (fast)
+    import torch.distributed as dist
 
 _TP, _SP = "parallel.tensor_parallel", "parallel.sequence_parallel"
 
@@ -219,6 +221,8 @@ class MeshMPU:
         return self.mesh.sp_size * self.mesh.dp_size
 
     def get_sequence_data_parallel_rank(self) -> int:
+        import torch.distributed as dist
+
         return dist.get_rank(group=self.mesh.sdp_group)
 
 
@@ -247,6 +251,7 @@ def init_mesh(layout: ParallelLayout) -> Mesh:
     order `ParallelLayout` documents. One mesh at a time: `destroy_mesh()` first to make another.
     """
     global _MESH
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     if not dist.is_initialized():

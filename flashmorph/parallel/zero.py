@@ -1,12 +1,13 @@
 """DeepSpeed ZeRO: config generation from a recipe, engine construction, gathering and checkpoints."""
 
-import json
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from flashmorph.parallel.deepspeed_json import read_deepspeed_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def build_ds_config(
         config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                               "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
     if override_file:
-        _deep_update(config, json.loads(Path(override_file).read_text()))
+        _deep_update(config, read_deepspeed_json(override_file))
     return config
 
 
@@ -119,9 +120,20 @@ def save_engine_checkpoint(engine, directory: Path, client_state: dict) -> None:
 
 
 def load_engine_checkpoint(engine, directory: Path) -> dict:
-    """Restore trainable weights, optimizer and scheduler state; returns the client state."""
-    _, client_state = engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    """Restore trainable weights, optimizer and scheduler state; returns the client state.
+
+    DeepSpeed's loads run with weights_only forced on (checkpoint.safe_load): a file that asks to build anything but
+    tensors and the allow-listed DeepSpeed types is refused, never executed."""
+    from flashmorph.checkpoint.safe_load import is_refused_pickle, refused_pickle_error, weights_only_loads
+
+    try:
+        with weights_only_loads():
+            _, client_state = engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    except Exception as err:
+        if is_refused_pickle(err):
+            raise refused_pickle_error(err, directory) from None
+        raise
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     return client_state

@@ -49,7 +49,14 @@ def _first_failure(message: str | None, info) -> str | None:
     return distributed.broadcast_object(message, src=ranks[0])
 
 
+# DeepSpeed copies these scripts into every ZeRO checkpoint; code has no place in a run directory (tools/reshard.py
+# does what they do), so they are removed before the checkpoint is sealed
+_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def _seal(root: Path, step: int, keep_last: int, world_size: int) -> None:
+    for name in _RECOVERY_SCRIPTS:
+        (atomic.staging_dir(root, step) / name).unlink(missing_ok=True)
     atomic.finalize(root, step, {"step": step, "world_size": world_size})  # storage failures: CheckpointError
     if keep_last:
         try:
@@ -58,20 +65,55 @@ def _seal(root: Path, step: int, keep_last: int, world_size: int) -> None:
             log.warning("could not prune old checkpoints in %s (%s)", root, err)
 
 
+def newest_intact_checkpoint(root: Path, world_size: int) -> tuple[Path | None, str | None]:
+    """(the newest checkpoint that is intact, None), or (None, why none is) when checkpoints exist but all are
+    damaged, or (None, None) when there are none. Rank 0 only: it hashes every file.
+
+    Intact: every file its manifest lists, with the listed size and sha256, nothing unlisted, and no pickle that
+    asks for a type outside torch's safe set and the DeepSpeed allow-list. A damaged newer one is named in a
+    warning and skipped, so the run falls back to the newest intact step."""
+    from flashmorph.checkpoint.safe_load import check_pickles
+
+    found = atomic.list_checkpoints(root)
+    problems = []
+    for ckpt in reversed(found):
+        try:
+            saved_world = atomic.read_manifest(ckpt)["meta"].get("world_size")
+        except CheckpointError:
+            saved_world = None  # verify below names the problem
+        if saved_world is not None and saved_world != world_size:
+            # ZeRO partitions the trainable and optimizer state by rank; DeepSpeed cannot load it at another count.
+            # Refused before any rank file is read: this is a wrong job, not a damaged checkpoint to skip.
+            return None, (f"{ckpt} was written by {saved_world} ranks and this job has {world_size}; resume on "
+                          f"{saved_world} GPUs, or carry the weights to the new count with tools/reshard.py and "
+                          "start a new run (docs/cluster.md)")
+        try:
+            atomic.verify(ckpt, deep=True)
+            check_pickles(ckpt)
+        except CheckpointError as err:
+            log.warning("skipping damaged checkpoint: %s", err)
+            problems.append(str(err))
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint (%d newer ones are damaged)", ckpt,
+                        len(problems))
+        return ckpt, None
+    if not found:
+        return None, None
+    return None, (f"none of the {len(found)} checkpoints in {root} is intact, so nothing was loaded (newest: "
+                  f"{problems[0]}); restore one, or start a new run in another run_dir")
+
+
 def resume_checkpoint(engine, root: Path, info) -> dict | None:
-    """Load the latest complete checkpoint into `engine`; returns its client state (with "step"), or None."""
-    latest = atomic.latest_complete(root) if info.is_main else None
-    latest = distributed.broadcast_object(str(latest) if latest else None)
-    if latest is None:
+    """Load the newest intact checkpoint into `engine`; returns its client state (with "step"), or None if there
+    is none at all. Checkpoints that exist but are all damaged raise CheckpointError on every rank."""
+    chosen, problem = newest_intact_checkpoint(root, info.world_size) if info.is_main else (None, None)
+    chosen, problem = distributed.broadcast_object((str(chosen) if chosen else None, problem))
+    if problem is not None:
+        raise CheckpointError(problem)
+    if chosen is None:
         log.info("no complete checkpoint in %s: starting from step 0", root)
         return None
-    manifest = atomic.verify(Path(latest), deep=info.is_main)
-    saved_world = manifest["meta"].get("world_size")
-    if saved_world is not None and saved_world != info.world_size:
-        # ZeRO partitions the trainable and optimizer state by rank; DeepSpeed cannot load it at another count
-        raise CheckpointError(f"{latest} was written by {saved_world} ranks and this job has {info.world_size}; "
-                              f"resume on {saved_world} GPUs, or carry the weights to the new count with "
-                              "tools/reshard.py and start a new run (docs/cluster.md)")
-    state = zero.load_engine_checkpoint(engine, Path(latest))
-    log.info("resumed from %s (step %d)", latest, state["step"])
+    state = zero.load_engine_checkpoint(engine, Path(chosen))
+    log.info("resumed from %s (step %d)", chosen, state["step"])
     return state

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-3 checkpoints of any DP size: read with deepspeed's own zero_to_fp32 (lazy mode), written by a
-zero.Init engine on N local gloo ranks. DeepSpeed's files are pickles: only read checkpoints you trust."""
+zero.Init engine on N local gloo ranks. DeepSpeed's files are pickles, so every read here runs with weights_only
+forced on (checkpoint.safe_load): a file that asks for more than tensors and DeepSpeed's plain types is refused."""
 
 import contextlib
 import glob
@@ -10,6 +11,12 @@ from pathlib import Path
 import torch
 
 from flashmorph.checkpoint.reshard import adapter
+from flashmorph.checkpoint.safe_load import (
+    check_pickle_file,
+    is_refused_pickle,
+    refused_pickle_error,
+    weights_only_loads,
+)
 from flashmorph.errors import CheckpointError, FlashMorphError
 
 log = logging.getLogger(__name__)
@@ -48,11 +55,16 @@ def rank_files(ckpt_dir: Path, tag: str) -> list[Path]:
 
 
 def check_rank_files(files: list[Path]) -> None:
-    """Open every rank file (memory-mapped, so cheap): a truncated or damaged one fails here, by name."""
+    """Open every rank file (memory-mapped, so cheap): a truncated or damaged one, or one that asks to run code,
+    fails here, by name."""
     for path in files:
+        check_pickle_file(path)  # names the refused type; the weights-only load below is the second line of defence
         try:
-            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            with weights_only_loads():
+                torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as err:
+            if is_refused_pickle(err):
+                raise refused_pickle_error(err, path) from None
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"corrupted or truncated DeepSpeed file {path} ({reason}); "
                                   "re-create the checkpoint or restore the file") from err
@@ -72,7 +84,7 @@ class Zero3Source:
         self.dir = Path(ckpt_dir)
         tag = resolve_tag(self.dir)
         check_rank_files(rank_files(self.dir, tag))
-        with _quiet():
+        with _quiet(), weights_only_loads():
             try:
                 self._state = get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag, lazy_mode=True)
             except (ValueError, FileNotFoundError, KeyError) as err:

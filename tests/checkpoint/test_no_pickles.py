@@ -1,0 +1,130 @@
+"""No code from disk: a pickle planted in a run directory (its manifest rewritten to match, as anyone who can write
+the directory can do) is refused on --resume and by reshard, and never runs; real checkpoints hold no scripts."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashmorph.checkpoint import atomic
+from flashmorph.checkpoint.reshard.zero3 import check_rank_files, rank_files
+from flashmorph.checkpoint.safe_load import check_pickles, weights_only_loads
+from flashmorph.errors import CheckpointError
+from flashmorph.model.tiny import build_tiny_model, tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "embedded.yaml"
+MODEL_STATES = "state/zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+class _Payload:
+    """Unpickling this runs `exec`, which creates the marker file: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def _gate_search(model_dir: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    overrides = [f"model.path={model_dir}", f"run.run_dir={run_dir}", "search.steps=2", "search.save_every=1",
+                 "search.keep_last=0", "search.micro_batch_size=2", "data.seq_len=34"]
+    argv = [sys.executable, str(ROOT / "launcher" / "gate_search.py"), "--config", str(RECIPE), "--no-progress",
+            *[a for item in overrides for a in ("--override", item)], *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A real two-step gate search (one process, ZeRO-3 on CPU) with checkpoints at steps 1 and 2."""
+    root = tmp_path_factory.mktemp("no_pickles")
+    build_tiny_model(tiny_config("llama", num_layers=2), seed=7).save_pretrained(root / "model")
+    done = _gate_search(root / "model", root / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def _plant(ckpt: Path, rel: str, marker: Path) -> None:
+    """Replace one file with a code-running pickle and rewrite the manifest's entry, so size and hash checks pass."""
+    torch.save({"module": {}, "step": 2, "payload": _Payload(marker)}, ckpt / rel)
+    manifest = json.loads((ckpt / atomic.MANIFEST_NAME).read_text())
+    data = (ckpt / rel).read_bytes()
+    for entry in manifest["files"]:
+        if entry["path"] == rel:
+            entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (ckpt / atomic.MANIFEST_NAME).write_text(json.dumps(manifest))
+    atomic.verify(ckpt)  # the tampering is invisible to the manifest
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run_dir)
+    return run_dir
+
+
+def test_checkpoints_hold_no_scripts_and_only_allow_listed_types(finished_run):
+    checkpoints = atomic.list_checkpoints(finished_run / "run" / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step_1", "step_2"]
+    for ckpt in checkpoints:
+        assert not list(ckpt.rglob("*.py"))  # DeepSpeed's zero_to_fp32.py / zero_to_torch.py are not shipped
+        check_pickles(ckpt)  # DeepSpeed's real files pass the allow-list
+
+
+def test_a_planted_pickle_in_every_checkpoint_is_refused_on_resume_and_never_runs(finished_run, tmp_path):
+    run_dir = _copy_run(finished_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    for ckpt in atomic.list_checkpoints(run_dir / "checkpoints"):
+        _plant(ckpt, MODEL_STATES, marker)
+    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    done = _gate_search(finished_run / "model", run_dir, "--resume", "--override", "search.steps=3")
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: none of the 2 checkpoints") and "asks for builtins.exec" in last, last
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_planted_pickle_in_the_newest_checkpoint_falls_back_to_the_intact_one(finished_run, tmp_path):
+    run_dir = _copy_run(finished_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    _plant(run_dir / "checkpoints" / "step_2", MODEL_STATES, marker)
+    done = _gate_search(finished_run / "model", run_dir, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping damaged checkpoint" in done.stderr and "asks for builtins.exec" in done.stderr
+    assert "resuming from" in done.stderr and "step_1, the newest intact checkpoint" in done.stderr
+    assert not marker.exists()
+    check_pickles(run_dir / "checkpoints" / "step_2")  # step 2 was run again and re-saved clean
+
+
+def test_reshard_refuses_a_planted_pickle_by_name(finished_run, tmp_path):
+    run_dir = _copy_run(finished_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    ckpt = run_dir / "checkpoints" / "step_1"
+    _plant(ckpt, MODEL_STATES, marker)
+    with pytest.raises(CheckpointError, match=r"model_states\.pt holds a pickle that asks for builtins\.exec") as err:
+        check_rank_files(rank_files(ckpt, "state"))
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_weights_only_is_forced_even_where_deepspeed_asks_for_pickle(tmp_path, monkeypatch):
+    """The second line of defence, under DeepSpeed's own loads: weights_only=False is overridden inside the block,
+    even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set, and the environment is restored afterwards."""
+    marker = tmp_path / "code_ran"
+    torch.save({"payload": _Payload(marker)}, tmp_path / "evil.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        with weights_only_loads():
+            torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
