@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing as mp
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,8 +64,16 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_run_variant, args=(n, f, str(work), 60 * args.minutes, queue)) for n, f in
-             configs.items()]
+    procs = [ctx.Process(target=_run_variant, args=(n, f, str(work), 60 * args.minutes, queue), daemon=True)
+             for n, f in configs.items()]
+
+    def stop(signum, frame):  # a stopped sweep must not leave its variants training on (they are not our children
+        for p in procs:       # in the signal's process group when run under nohup or a job script)
+            p.terminate()
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
     for p in procs:
         p.start()
     results = {}
