@@ -147,21 +147,24 @@ def _local_batch(batch: dict, mesh: Mesh, device) -> dict:
 
 
 def run_distill(recipe: DistillRecipe, info: distributed.DistInfo, resume: bool = False, show_progress: bool = True,
-                stage: str = "distill", preemption: PreemptionGuard | None = None) -> DistillResult:
+                stage: str = "distill", preemption: PreemptionGuard | None = None,
+                resume_from: int | None = None) -> DistillResult:
     """Train the student; writes checkpoints, tensorboard, summary.json and the exported student into run_dir.
 
     With `preemption`, a stop signal on any rank ends the run after the current step with a complete checkpoint
-    and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
+    and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE). `resume_from` (implies `resume`)
+    resumes from that step's checkpoint instead of the newest intact one.
     """
     shape = validate_distill_recipe(recipe, info.world_size)
     mesh = init_mesh(layout_from_config(recipe.parallel, info.world_size))
     try:
-        return _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption)
+        return _run(recipe, info, mesh, shape, resume or resume_from is not None, resume_from, show_progress, stage,
+                    preemption)
     finally:
         destroy_mesh()
 
 
-def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) -> DistillResult:
+def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, preemption) -> DistillResult:
     cfg = recipe.distill
     run_dir = Path(recipe.run.run_dir)
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
@@ -182,7 +185,7 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
              mesh.layout.tensor, mesh.layout.sequence, dp_size)
 
     root = run_dir / "checkpoints"
-    state = resume_checkpoint(engine, root, info) if resume else None
+    state = resume_checkpoint(engine, root, info, resume_from) if resume else None
     start_step = state["step"] if state else 0
     total_steps = schedule.total_steps
     accum, micro = cfg.grad_accum_steps, cfg.micro_batch_size
@@ -235,7 +238,8 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
     if start_step < total_steps:
         save_checkpoint(engine, root, total_steps, {"kl": kl_history[-1]}, cfg.keep_last, info)
     writer.close()
-    student_dir = _write_outputs(recipe, model, mesh, info, kl_history, kl_by_length, start_step, total_steps, stage)
+    student_dir = _write_outputs(recipe, model, mesh, info, kl_history, kl_by_length, start_step, total_steps, stage,
+                                 state["resume"] if state else None)
     distributed.barrier()  # _write_outputs gathers on every rank, writes on rank 0
     return DistillResult(run_dir, kl_history, total_steps, student_dir)
 
@@ -244,7 +248,7 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
 
 
 def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl_by_length, start_step, total_steps,
-                   stage):
+                   stage, resumed):
     """adapter/ (LoRA), student/ (the hybrid as a HF directory, LoRA merged) and summary.json."""
     from flashmorph.export import save_hybrid
 
@@ -273,6 +277,7 @@ def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl
             "layout": read_layout(recipe.student.layout),
             "parallel": {"tensor": mesh.layout.tensor, "sequence": mesh.layout.sequence, "data": mesh.layout.data},
             "student_dir": str(student_dir) if student_dir else None,
+            "resumed": resumed,
         }
         atomic.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         for seq_len, (first, last) in kl_by_length.items():

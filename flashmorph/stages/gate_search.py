@@ -37,6 +37,7 @@ class GateSearchResult:
     kept_layers: list[int]  # the top-k layers for the recipe's budget, ascending
     final_accuracy: float  # retrieval accuracy of the last step, all ranks
     teacher_report: dict | None  # the embedded teacher's report, when there is one
+    resumed: dict | None = None  # the checkpoint this run resumed from and the damaged ones it skipped
 
 
 def regularizer(gate_values: torch.Tensor, kind: str, budget_fraction: float) -> torch.Tensor:
@@ -68,15 +69,16 @@ def _save_checkpoint(engine, root: Path, step: int, accuracy: float, keep_last: 
     save_checkpoint(engine, root, step, {"accuracy": accuracy}, keep_last, info)  # storage failures: CheckpointError
 
 
-def _resume(engine, root: Path, info) -> tuple[int, float]:
-    """(first step to run, accuracy of the last step done) from the latest complete checkpoint."""
-    state = resume_checkpoint(engine, root, info)
-    return (0, float("nan")) if state is None else (state["step"], state["accuracy"])
+def _resume(engine, root: Path, info, step: int | None) -> tuple[int, float, dict | None]:
+    """(first step to run, accuracy of the last step done, what was resumed) from the newest intact checkpoint,
+    or from the one of `step`."""
+    state = resume_checkpoint(engine, root, info, step)
+    return (0, float("nan"), None) if state is None else (state["step"], state["accuracy"], state["resume"])
 
 
 def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume: bool = False,
                     show_progress: bool = True, preemption: PreemptionGuard | None = None,
-                    dataset=None) -> GateSearchResult:
+                    dataset=None, resume_from: int | None = None) -> GateSearchResult:
     """Train the gates of a morphed model; writes gates.safetensors and summary.json into run.run_dir.
 
     `dataset` replaces the retrieval stream built from recipe.data: anything whose `batch(indices)` gives input_ids
@@ -84,7 +86,9 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
 
     With `preemption`, a stop signal on any rank ends the run after the current step with a complete
     checkpoint and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
+    `resume_from` (implies `resume`) resumes from that step's checkpoint instead of the newest intact one.
     """
+    resume = resume or resume_from is not None
     shape = validate_recipe(recipe)
     search = recipe.search
     run_dir = Path(recipe.run.run_dir)
@@ -110,7 +114,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     engine.train()
 
     root = run_dir / "checkpoints"
-    start_step, accuracy = _resume(engine, root, info) if resume else (0, float("nan"))
+    start_step, accuracy, resumed = _resume(engine, root, info, resume_from) if resume else (0, float("nan"), None)
 
     num_layers = shape["num_layers"]
     k = num_full_layers(search.budget, num_layers)
@@ -171,7 +175,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     gate_values = torch.sigmoid(logits)
     layer_scores = model.gates.layer_scores(gate_values)
     kept = top_k_indices(layer_scores, k)  # the same rule tools/discretize_gates.py applies
-    result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report)
+    result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report, resumed)
     # on rank 0, and a full disk there raises on every rank instead of leaving the others at a barrier
     distributed.run_on_main(lambda: _write_outputs(result, recipe, k, model_dir, info.world_size), info)
     return result
@@ -196,6 +200,7 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "kept_layers": result.kept_layers,
         "final_retrieval_accuracy": result.final_accuracy,
         "teacher": result.teacher_report,
+        "resumed": result.resumed,
     }
     atomic.atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
