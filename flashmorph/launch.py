@@ -1,7 +1,8 @@
 """What every stage entry point shares: its arguments, validation before any process group, and exit codes.
 
 Exit codes: 0 done, 2 bad recipe or unusable run directory, 3 the embedded teacher never finished its curriculum
-(TeacherNotReady; see teacher.require_complete), 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
+(TeacherNotReady; see teacher.require_complete), 4 too many optimizer steps in a row had NaN/Inf values
+(NumericalFault; search.max_bad_steps / distill.max_bad_steps), 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
 after saving a complete checkpoint (rerun with --resume); anything else is a crash.
 """
 
