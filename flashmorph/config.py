@@ -265,6 +265,9 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0")
     if search.lr <= 0:
         raise ConfigError(f"search.lr={search.lr} must be > 0")
+    for name in ("weight_decay", "grad_clip", "reg_weight"):  # torch/DeepSpeed would refuse them after the run dir exists
+        if getattr(search, name) < 0:
+            raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0 (0 turns it off)")
     parallel.validate_deepspeed()
     sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
     if sp < 1 or tp < 1:

@@ -127,6 +127,9 @@ def _validate_distill(d: DistillConfig) -> None:
         raise ConfigError(f"distill.ce_weight={d.ce_weight} must be >= 0")
     if d.lr <= 0:
         raise ConfigError(f"distill.lr={d.lr} must be > 0")
+    for name in ("weight_decay", "grad_clip"):  # torch/DeepSpeed would refuse them after the run dir exists
+        if getattr(d, name) < 0:
+            raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 0 (0 turns it off)")
     for name in ("micro_batch_size", "grad_accum_steps", "log_every", "token_chunk", "vocab_chunk", "max_bad_steps"):
         if getattr(d, name) < 1:
             raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 1")
