@@ -72,6 +72,7 @@ class SearchConfig:
     log_every: int = 1  # steps between tensorboard/console logs
     save_every: int = 100  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # complete checkpoints kept on disk (0 = keep all)
+    max_bad_steps: int = 10  # stop (exit 4) after this many steps in a row skipped for NaN/Inf loss, gates or grads
 
 
 @dataclass
@@ -256,7 +257,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
         raise ConfigError(f"search.budget={search.budget} must be >= 0")
     if search.regularizer not in REGULARIZERS:
         raise ConfigError(f"search.regularizer={search.regularizer!r} is unknown; use one of {REGULARIZERS}")
-    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_bad_steps"):
         if getattr(search, name) < 1:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 1")
     for name in ("save_every", "reg_warmup_steps", "keep_last"):
@@ -264,6 +265,9 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0")
     if search.lr <= 0:
         raise ConfigError(f"search.lr={search.lr} must be > 0")
+    for name in ("weight_decay", "grad_clip", "reg_weight"):  # torch/DeepSpeed would refuse them after the run dir exists
+        if getattr(search, name) < 0:
+            raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0 (0 turns it off)")
     parallel.validate_deepspeed()
     sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
     if sp < 1 or tp < 1:

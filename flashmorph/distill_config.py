@@ -49,6 +49,7 @@ class DistillConfig:
     log_every: int = 1  # steps between tensorboard/console logs
     save_every: int = 100  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # complete checkpoints kept on disk (0 = keep all)
+    max_bad_steps: int = 10  # stop (exit 4) after this many steps in a row skipped for NaN/Inf loss or gradients
 
 
 @dataclass
@@ -126,7 +127,10 @@ def _validate_distill(d: DistillConfig) -> None:
         raise ConfigError(f"distill.ce_weight={d.ce_weight} must be >= 0")
     if d.lr <= 0:
         raise ConfigError(f"distill.lr={d.lr} must be > 0")
-    for name in ("micro_batch_size", "grad_accum_steps", "log_every", "token_chunk", "vocab_chunk"):
+    for name in ("weight_decay", "grad_clip"):  # torch/DeepSpeed would refuse them after the run dir exists
+        if getattr(d, name) < 0:
+            raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 0 (0 turns it off)")
+    for name in ("micro_batch_size", "grad_accum_steps", "log_every", "token_chunk", "vocab_chunk", "max_bad_steps"):
         if getattr(d, name) < 1:
             raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 1")
     for name in ("save_every", "keep_last", "warmup_steps"):

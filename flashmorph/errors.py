@@ -11,3 +11,7 @@ class ConfigError(FlashMorphError):
 
 class CheckpointError(FlashMorphError):
     """A checkpoint is missing, incomplete or corrupted."""
+
+    def __init__(self, message: str, file: str | None = None):
+        super().__init__(message)
+        self.file = file  # the damaged file (relative to its checkpoint, or a path), when one file is to blame

@@ -182,15 +182,28 @@ def collect_versions() -> dict[str, Any]:
     return versions
 
 
-def check_resume(path: str | os.PathLike, resume: bool) -> None:
-    """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run."""
+def check_resume(path: str | os.PathLike, resume: bool, resume_from: int | None = None) -> None:
+    """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run.
+    --resume-from STEP (implies --resume) needs that step's checkpoint, complete (hashes are checked on resume)."""
     run_dir = Path(path).expanduser()
+    resume = resume or resume_from is not None
     if not resume:
         return
     if not run_dir.is_dir():
         raise FlashMorphError(f"--resume: run_dir {run_dir} does not exist, so there is nothing to resume; fix "
                               "run.run_dir, or drop --resume to start a new run")
     found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
+    if resume_from is not None:
+        chosen = run_dir / CHECKPOINTS_DIR / f"step_{resume_from}"
+        if chosen not in found:
+            steps = ", ".join(p.name.removeprefix("step_") for p in found) or "none"
+            raise CheckpointError(f"--resume-from {resume_from}: {run_dir / CHECKPOINTS_DIR} holds no checkpoint of "
+                                  f"step {resume_from} (steps there: {steps}); pick one of them, or use --resume")
+        try:
+            verify(chosen, deep=False)
+        except CheckpointError as err:
+            raise CheckpointError(f"--resume-from {resume_from}: {err}") from None
+        return
     if found and not any(_complete(ckpt) for ckpt in found):  # sizes only here; hashes are checked on resume
         raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS_DIR} is "
                               "complete (manifest missing or files truncated), so nothing was loaded or overwritten; "
