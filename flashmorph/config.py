@@ -13,6 +13,8 @@ from flashmorph.data.config import DataConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.hf_dir import validate_model_dir
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import ParallelLayout, check_layout
 
 DTYPES = ("float32", "bfloat16", "float16")
 REGULARIZERS = ("mean", "budget")
@@ -220,12 +222,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), cls=G
 # --------------------------------------------------------------------------------------- validation
 
 
-def model_shape(recipe: GateSearchRecipe) -> dict[str, int]:
-    """Layer and head counts read from config.json (or the teacher section), without building a model."""
+def model_shape(recipe: GateSearchRecipe) -> ModelShape:
+    """The model's shape from config.json (or the teacher section), without building a model."""
     if recipe.model.path is None:
-        t = recipe.teacher
-        return {"num_layers": t.num_layers, "num_heads": t.num_heads, "num_kv_heads": t.num_kv_heads,
-                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": 4 * t.hidden_size}
+        return ModelShape.from_teacher(recipe.teacher)
     # family, keys and their types, weights present and not truncated, tokenizer ids: hf_dir.validate_model_dir
     return validate_model_dir(recipe.model.path, f"model.path={recipe.model.path}")
 
@@ -237,7 +237,7 @@ def num_full_layers(budget: int | float, num_layers: int) -> int:
     return budget
 
 
-def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
+def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
     """Raise ConfigError on the first problem; returns the model shape it read. Builds nothing."""
     run, model, search, parallel = recipe.run, recipe.model, recipe.search, recipe.parallel
     run.validate()
@@ -246,7 +246,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
         raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory or null for the embedded teacher")
     recipe.morph.validate()
     shape = model_shape(recipe)
-    layers = shape["num_layers"]
+    layers = shape.num_layers
     if isinstance(search.budget, float) and not 0.0 <= search.budget <= 1.0:
         raise ConfigError(f"search.budget={search.budget} as a fraction must lie in [0, 1]; or give a layer count (int)")
     k = num_full_layers(search.budget, layers)
@@ -266,21 +266,14 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
         raise ConfigError(f"search.lr={search.lr} must be > 0")
     parallel.validate_deepspeed()
     sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
-    if sp < 1 or tp < 1:
-        raise ConfigError("parallel.sequence_parallel and parallel.tensor_parallel must be >= 1")
-    if shape["num_heads"] % (sp * tp):
-        raise ConfigError(
-            f"parallel.sequence_parallel={sp} x tensor_parallel={tp} does not divide the model's {shape['num_heads']} heads; "
-            "choose degrees whose product divides the head count")
-    if recipe.data.seq_len % sp:
-        raise ConfigError(f"parallel.sequence_parallel={sp} does not divide data.seq_len={recipe.data.seq_len}; make seq_len a multiple of it")
+    check_layout(ParallelLayout(tensor=tp, sequence=sp, data=1), shape, recipe.data.seq_len)
     if sp > 1 or tp > 1:  # checked after the divisibility rules so a user learns every problem of the value
         raise ConfigError(f"parallel.sequence_parallel={sp}, tensor_parallel={tp}: gate search runs data-parallel "
                           "under ZeRO-3 only for now; set both to 1 (sequence/tensor parallelism arrive with "
                           "distillation)")
     if model.path is None:
         validate_teacher(recipe.teacher)
-    recipe.data.validate(vocab_size=shape["vocab_size"] if model.path is None else None)
+    recipe.data.validate(vocab_size=shape.vocab_size if model.path is None else None)
     return shape
 
 

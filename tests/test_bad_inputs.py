@@ -299,4 +299,4 @@ def test_null_optional_keys_take_the_default_as_real_configs_write_them(good_dir
     model_dir = tmp_path / "model"
     shutil.copytree(good_dir, model_dir)
     _edit_config(model_dir, head_dim=None, intermediate_size=None, num_key_value_heads=2)
-    assert validate_model_dir(model_dir)["head_dim"] == 16
+    assert validate_model_dir(model_dir).head_dim == 16

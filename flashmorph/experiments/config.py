@@ -11,7 +11,7 @@ from flashmorph.data.config import DataConfig
 from flashmorph.distill_config import DistillConfig, _validate_distill
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.shape import ModelShape
 from flashmorph.selection.baselines import KL_POSITIONS, PERIODIC_VARIANTS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,17 +99,14 @@ def layer_budgets(cfg: ExperimentConfig, num_layers: int) -> list[int]:
     return sorted({budget_layers(b, num_layers) for b in cfg.selection.budgets})
 
 
-def teacher_shape(cfg: ExperimentConfig) -> dict[str, int]:
-    """Layers, heads and vocabulary of the teacher, from its config.json or the teacher section; builds nothing."""
+def teacher_shape(cfg: ExperimentConfig) -> ModelShape:
+    """The teacher's shape, from its config.json or the teacher section; builds nothing."""
     if cfg.teacher_dir is None:
-        t = cfg.teacher
-        return {"num_layers": t.num_layers, "num_heads": t.num_heads, "vocab_size": t.vocab_size}
-    raw = read_model_config(cfg.teacher_dir, f"teacher_dir={cfg.teacher_dir}")
-    return {"num_layers": raw["num_hidden_layers"], "num_heads": raw["num_attention_heads"],
-            "vocab_size": raw["vocab_size"]}
+        return ModelShape.from_teacher(cfg.teacher)
+    return ModelShape.from_model_dir(cfg.teacher_dir, f"teacher_dir={cfg.teacher_dir}")
 
 
-def validate_experiment(cfg: ExperimentConfig) -> dict[str, int]:
+def validate_experiment(cfg: ExperimentConfig) -> ModelShape:
     """One-line ConfigError on the first problem, before any model is built; returns the teacher shape."""
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device!r} is unknown; use one of {DEVICES}")
@@ -122,9 +119,9 @@ def validate_experiment(cfg: ExperimentConfig) -> dict[str, int]:
     if cfg.teacher_dir is None:
         validate_teacher(cfg.teacher)
     shape = teacher_shape(cfg)
-    layers = shape["num_layers"]
+    layers = shape.num_layers
     cfg.morph.validate()
-    cfg.data.validate(vocab_size=shape["vocab_size"])
+    cfg.data.validate(vocab_size=shape.vocab_size)
     sel, ev, cost, abl, search = cfg.selection, cfg.evaluation, cfg.cost, cfg.ablations, cfg.search
     if not sel.budgets:
         raise ConfigError("selection.budgets is empty; give fractions such as [0.125, 0.25, 0.5]")
