@@ -1,6 +1,7 @@
 """Recipe dataclasses, YAML loading with --override a.b=c, and validation before any model is built."""
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -230,11 +231,34 @@ def model_shape(recipe: GateSearchRecipe) -> ModelShape:
     return validate_model_dir(recipe.model.path, f"model.path={recipe.model.path}")
 
 
-def num_full_layers(budget: int | float, num_layers: int) -> int:
-    """The budget as a layer count: ints are counts, floats are fractions of the layers (rounded)."""
+def resolve_budget(budget, total: int, field: str = "--budget", unit: str = "layers", hybrid: bool = False) -> int:
+    """The one full-attention budget rule: a count of `unit` out of `total` (an int is the count, a float a fraction);
+    anything else is a one-line ConfigError naming `field`.
+
+    Gate search, discretization and the baselines take counts in [0, total] and fractions in [0, 1] rounded with
+    round() (half to even), so all of them pick the same k. hybrid=True (the selection experiment, whose layouts
+    need both kinds of layer): counts in [1, total - 1], fractions in (0, 1) rounded half up, at least 1.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"{field}={budget!r} must be a count (int) or a fraction (float in [0, 1])")
     if isinstance(budget, float):
-        return round(budget * num_layers)
+        inside = 0.0 < budget < 1.0 if hybrid else 0.0 <= budget <= 1.0
+        if not (math.isfinite(budget) and inside):
+            raise ConfigError(f"{field}={budget} as a fraction must lie in {'(0, 1)' if hybrid else '[0, 1]'}; or "
+                              f"give a count of {unit} as an int")
+        return max(1, math.floor(budget * total + 0.5)) if hybrid else round(budget * total)
+    if hybrid and not 1 <= budget < total:
+        raise ConfigError(f"{field}={budget} must keep 1..{total - 1} of the {total} {unit}")
+    if budget < 0:
+        raise ConfigError(f"{field}={budget} must be >= 0 (0 makes every one of the {unit} linear)")
+    if budget > total:
+        raise ConfigError(f"{field}={budget} exceeds the {total} {unit}; give at most {total}, or a fraction in [0, 1]")
     return budget
+
+
+def num_full_layers(budget: int | float, num_layers: int) -> int:
+    """search.budget as a count of full-attention layers (resolve_budget's rule)."""
+    return resolve_budget(budget, num_layers, "search.budget")
 
 
 def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
@@ -247,13 +271,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
     recipe.morph.validate()
     shape = model_shape(recipe)
     layers = shape.num_layers
-    if isinstance(search.budget, float) and not 0.0 <= search.budget <= 1.0:
-        raise ConfigError(f"search.budget={search.budget} as a fraction must lie in [0, 1]; or give a layer count (int)")
-    k = num_full_layers(search.budget, layers)
-    if k > layers:
-        raise ConfigError(f"search.budget={search.budget} is larger than the model's {layers} layers; lower it to <= {layers}")
-    if k < 0:
-        raise ConfigError(f"search.budget={search.budget} must be >= 0")
+    num_full_layers(search.budget, layers)
     if search.regularizer not in REGULARIZERS:
         raise ConfigError(f"search.regularizer={search.regularizer!r} is unknown; use one of {REGULARIZERS}")
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):

@@ -12,7 +12,7 @@ from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.layout import read_layout
 from flashmorph.model.shape import ModelShape
-from flashmorph.parallel.layout import check_layout, layout_from_config
+from flashmorph.parallel.layout import check_layout, check_trainable, layout_from_config
 
 TRAINABLE_SETS = ("lora", "linear", "full")
 
@@ -104,9 +104,7 @@ def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> Model
     layout = layout_from_config(parallel, world_size)
     for seq_len in ([s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]):
         check_layout(layout, shape, seq_len)
-    if layout.tensor > 1 and distill.trainable == "lora":
-        raise ConfigError(f"distill.trainable=lora with parallel.tensor_parallel={layout.tensor}: peft adapters do not wrap megatron's "
-                          "parallel layers here; use trainable=linear or full with TP, or tensor_parallel=1 with LoRA")
+    check_trainable(layout, distill.trainable)
     for stage_len in [s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]:
         dataclasses.replace(recipe.data, seq_len=stage_len).validate()
     recipe.text.validate()

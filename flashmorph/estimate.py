@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 from flashmorph.errors import ConfigError
 from flashmorph.model.shape import ModelShape
-from flashmorph.parallel.layout import DegreeNames, check_layout, resolve_layout
+from flashmorph.parallel.layout import DegreeNames, check_layout, check_trainable, resolve_layout
 
 GIB = 1024**3
 FP32 = 4  # bytes of every fp32 tensor (optimizer state, master weights, upcast norms/softmax)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRAINABLE_SETS = ("gates", "lora", "linear", "full")
 ZERO_STAGES = (0, 1, 2, 3)
-ESTIMATE_NAMES = DegreeNames(tensor="tensor_parallel", sequence="sequence_parallel", world="gpus")
+ESTIMATE_NAMES = DegreeNames(tensor="tensor_parallel", sequence="sequence_parallel", world="gpus", trainable="trainable")
 
 # DeepSpeed defaults (deepspeed/runtime/zero/config.py, 0.19): read from its source, not guessed.
 DS_PREFETCH_BUCKET_ELEMS = 5e7  # stage3_prefetch_bucket_size (flashmorph.parallel.zero sets the same value)
@@ -143,17 +143,15 @@ def validate(shape: ModelShape, setup: EstimateSetup) -> None:
         value = getattr(setup, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
-    tp, sp = setup.tensor_parallel, setup.sequence_parallel
-    check_layout(resolve_layout(tp, sp, setup.gpus, ESTIMATE_NAMES), shape, setup.seq_len, ESTIMATE_NAMES)
+    layout = resolve_layout(setup.tensor_parallel, setup.sequence_parallel, setup.gpus, ESTIMATE_NAMES)
+    check_layout(layout, shape, setup.seq_len, ESTIMATE_NAMES)
     if setup.dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype={setup.dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
     if setup.trainable not in TRAINABLE_SETS:
         raise ConfigError(f"trainable={setup.trainable!r} is unknown; use one of {', '.join(TRAINABLE_SETS)}")
     if setup.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"zero_stage={setup.zero_stage!r} must be one of 0, 1, 2, 3")
-    if setup.trainable == "lora" and tp > 1:
-        raise ConfigError(f"trainable=lora with tensor_parallel={tp}: peft adapters do not wrap megatron's parallel "
-                          "layers; use trainable=linear or full with TP, or tensor_parallel=1 with LoRA")
+    check_trainable(layout, setup.trainable, ESTIMATE_NAMES)
     if setup.trainable == "lora":
         if not isinstance(setup.lora_rank, int) or setup.lora_rank < 1:
             raise ConfigError(f"lora_rank={setup.lora_rank!r} must be a positive integer")

@@ -103,5 +103,5 @@ def test_budget_counts_and_fractions():
     validate_recipe(recipe)
     recipe = load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=4"])
     validate_recipe(recipe)
-    with pytest.raises(ConfigError, match="larger than the model's 4 layers"):
+    with pytest.raises(ConfigError, match="search.budget=5 exceeds the 4 layers"):
         validate_recipe(load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=5"]))

@@ -1,12 +1,11 @@
 """The selection experiment's recipe: dataclass sections loaded from YAML with --override, validated before any work."""
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashmorph.config import SearchConfig, TeacherConfig, load_recipe, validate_teacher
+from flashmorph.config import SearchConfig, TeacherConfig, load_recipe, resolve_budget, validate_teacher
 from flashmorph.data.config import DataConfig
 from flashmorph.distill_config import DistillConfig, _validate_distill
 from flashmorph.errors import ConfigError
@@ -80,23 +79,17 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
     return load_recipe(path, list(overrides), cls=ExperimentConfig)
 
 
-def budget_layers(budget: int | float, num_layers: int) -> int:
-    """A budget as a count of full-attention layers: a float is a fraction of the layers rounded half up (1/8 of 12
-    = 1.5 -> 2; Python's round() would give 2 for 1.5 but 2 for 2.5 too), at least 1; an int is the count."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"selection.budgets entry {budget!r} must be a fraction (float) or a layer count (int)")
-    if isinstance(budget, float):
-        if not (math.isfinite(budget) and 0.0 < budget < 1.0):
-            raise ConfigError(f"selection.budgets entry {budget} as a fraction must lie in (0, 1)")
-        return max(1, math.floor(budget * num_layers + 0.5))
-    if not 1 <= budget < num_layers:
-        raise ConfigError(f"selection.budgets entry {budget} must keep 1..{num_layers - 1} of the {num_layers} layers")
-    return budget
+def budget_layers(budget: int | float, num_layers: int, field: str = "selection.budgets entry") -> int:
+    """A budget as a count of full-attention layers of a hybrid: a float is a fraction of the layers rounded half up
+    (1/8 of 12 = 1.5 -> 2; Python's round() would give 2 for 1.5 but 2 for 2.5 too), at least 1; an int is the
+    count (config.resolve_budget, hybrid=True)."""
+    return resolve_budget(budget, num_layers, field, hybrid=True)
 
 
 def layer_budgets(cfg: ExperimentConfig, num_layers: int) -> list[int]:
     """The distinct layer counts of selection.budgets, ascending (1/8 and 1/4 of 4 layers are both 1)."""
-    return sorted({budget_layers(b, num_layers) for b in cfg.selection.budgets})
+    budgets = cfg.selection.budgets
+    return sorted({budget_layers(b, num_layers, f"selection.budgets[{i}]") for i, b in enumerate(budgets)})
 
 
 def teacher_shape(cfg: ExperimentConfig) -> ModelShape:

@@ -39,6 +39,13 @@ class ModelShape:
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def hf_config_kwargs(self) -> dict:
+        """The config.json keys of this shape (the inverse of from_hf_config), to build a transformers config."""
+        return {"num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
+                "tie_word_embeddings": self.tie_embeddings}
+
     @classmethod
     def from_hf_config(cls, config: dict, where: str = "model", morphable: bool = True) -> ModelShape:
         """The shape of a config.json dict (a multimodal config's `text_config` when the top level lacks the layers).
