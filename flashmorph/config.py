@@ -270,8 +270,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
         raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory or null for the embedded teacher")
     recipe.morph.validate()
     shape = model_shape(recipe)
-    layers = shape.num_layers
-    num_full_layers(search.budget, layers)
+    num_full_layers(search.budget, shape.num_layers)  # a one-line ConfigError for a budget the model cannot have
     if search.regularizer not in REGULARIZERS:
         raise ConfigError(f"search.regularizer={search.regularizer!r} is unknown; use one of {REGULARIZERS}")
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
