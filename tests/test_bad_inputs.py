@@ -299,7 +299,7 @@ def test_null_optional_keys_take_the_default_as_real_configs_write_them(good_dir
     model_dir = tmp_path / "model"
     shutil.copytree(good_dir, model_dir)
     _edit_config(model_dir, head_dim=None, intermediate_size=None, num_key_value_heads=2)
-    assert validate_model_dir(model_dir)["head_dim"] == 16
+    assert validate_model_dir(model_dir).head_dim == 16
 
 
 # ------------------------------------------------------------------ table-driven recipe, layout and tool cases
@@ -313,7 +313,7 @@ GATE_OVERRIDE_CASES = [
     ("search.micro_batch_size=0", "search.micro_batch_size=0 must be >= 1"),
     ("search.grad_accum_steps=0", "search.grad_accum_steps=0 must be >= 1"),
     ("search.budget=-1", "search.budget=-1 must be >= 0"),
-    ("search.budget=99", "search.budget=99 is larger than the model's 2 layers; lower it to <= 2"),
+    ("search.budget=99", "search.budget=99 exceeds the 2 layers; give at most 2, or a fraction in [0, 1]"),
     ("search.regularizer=foo", "search.regularizer='foo' is unknown; use one of"),
     ("search.save_every=-1", "search.save_every=-1 must be >= 0"),
     ("search.keep_last=-1", "search.keep_last=-1 must be >= 0"),
@@ -338,8 +338,10 @@ GATE_OVERRIDE_CASES = [
     ("data.haystack=foo", "data.haystack='foo' is unknown; use one of"),
     ("data.tasks={bogus: 1.0}", "data.tasks has unknown task 'bogus'; use any of"),
     ("parallel.zero_stage=5", "parallel.zero_stage=5 must be 0, 1, 2 or 3"),
-    ("parallel.sequence_parallel=3", "does not divide the model's 4 heads; choose degrees"),
-    ("parallel.tensor_parallel=3", "does not divide the model's 4 heads; choose degrees"),
+    ("parallel.sequence_parallel=3", "parallel.sequence_parallel=3 does not divide the model's num_heads=4 "
+                                     "(4 attention heads per TP rank); choose degrees whose product divides 4"),
+    ("parallel.tensor_parallel=3", "parallel.tensor_parallel=3 does not divide the model's num_heads=4 "
+                                   "(attention heads); use a divisor of 4"),
     ("parallel.deepspeed_config=/missing.json", "parallel.deepspeed_config=/missing.json does not exist"),
     ("run.seed=abc", "run.seed='abc' must be int"),
     ("search.steps", "--override 'search.steps' must look like section.field=value"),
@@ -396,11 +398,12 @@ def test_distill_refuses_a_layout_made_for_another_layer_count(good_dir, tmp_pat
 
 # (world size the launcher was given, override, message): TP x SP that cannot tile the world or the heads
 PARALLEL_CASES = [
-    (4, "parallel.tensor_parallel=3", "world size 4 is not divisible by parallel.tensor_parallel=3"),
-    (4, "parallel.sequence_parallel=3", "world size 4 is not divisible by parallel.tensor_parallel=1 x "
+    (4, "parallel.tensor_parallel=3", "world_size=4 is not divisible by parallel.tensor_parallel=3 x "
+                                      "parallel.sequence_parallel=1 = 3; launch a multiple of 3 ranks"),
+    (4, "parallel.sequence_parallel=3", "world_size=4 is not divisible by parallel.tensor_parallel=1 x "
                                         "parallel.sequence_parallel=3"),
     (4, "parallel.tensor_parallel=8", "launch a multiple of 8 ranks or lower the degrees"),
-    (2, "parallel.sequence_parallel=4", "world size 2 is not divisible"),
+    (2, "parallel.sequence_parallel=4", "world_size=2 is not divisible by parallel.tensor_parallel=1 x parallel.sequence_parallel=4 = 4; launch a multiple of 4 ranks"),
     (4, "parallel.layouts={4: {tensor_parallel: 8}}", "launch a multiple of 8 ranks"),
     (4, "parallel.layouts={4: {tensor_parallel: 2, sequence_parallel: 4}}", "= 8; launch a multiple of 8 ranks"),
     (6, "parallel.tensor_parallel=2", "distill.trainable=lora with parallel.tensor_parallel=2"),
@@ -421,7 +424,7 @@ def test_distill_refuses_an_impossible_parallel_layout(world, override, message,
 TOOL_CASES = [
     ("reshard", "--from hf --to tp --src {tmp}/missing --dst {tmp}/o --tp 2", "is not a directory"),
     ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o --tp 0", "--tp must be an int >= 1, got 0"),
-    ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o --tp 3", "--tp 3 does not divide the model's"),
+    ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o --tp 3", "--tp=3 does not divide the model's num_heads=4 (attention heads); use a divisor of 4"),
     ("reshard", "--from hf --to tp --src {model} --dst {tmp}/full --tp 2", "exists and is not empty; pass --force"),
     ("reshard", "--from zero3 --to hf --src {model} --dst {tmp}/o", "is not one DeepSpeed checkpoint"),
     ("reshard", "--from hf --to zero3 --src {model} --dst {tmp}/o --dp 0", "--dp must be an int >= 1, got 0"),
@@ -429,8 +432,8 @@ TOOL_CASES = [
     ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o", "--to tp needs --tp N"),
     ("estimate", "--gpus 0 --preset llama3-70b", "gpus=0 must be a positive integer"),
     ("estimate", "--model-dir {tmp}/missing", "holds no config.json; point it at a HF model directory"),
-    ("estimate", "--model-dir {model} --tp 3", "gpus=1 is not divisible by tensor_parallel x sequence_parallel"),
-    ("estimate", "--model-dir {model} --sp 3", "= 1x3 = 3; use a multiple of 3 GPUs"),
+    ("estimate", "--model-dir {model} --tp 3", "gpus=1 is not divisible by tensor_parallel=3 x sequence_parallel=1 = 3; launch a multiple of 3 ranks"),
+    ("estimate", "--model-dir {model} --sp 3", "gpus=1 is not divisible by tensor_parallel=1 x sequence_parallel=3 = 3; launch a multiple of 3 ranks"),
     ("estimate", "--model-dir {model} --gpus 4 --tp 8", "gpus=4 is not divisible"),
     ("estimate", "--model-dir {model} --gpus 3 --tp 2", "gpus=3 is not divisible"),
     ("estimate", "--model-dir {model} --seq-len 0", "seq_len=0 must be a positive integer"),

@@ -130,7 +130,7 @@ def _load_recipe(stage: str, config: str, overrides: list[str]):
 
 
 def _layout(recipe, world_size: int, gpus_per_node: int) -> str:
-    from flashmorph.parallel.mesh import layout_from_config
+    from flashmorph.parallel.layout import layout_from_config
 
     layout = layout_from_config(recipe.parallel, world_size)  # ConfigError when TP x SP does not divide the world
     if gpus_per_node % layout.tensor:

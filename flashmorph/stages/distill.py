@@ -26,7 +26,8 @@ from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import apply_layer_modes
 from flashmorph.parallel import distributed, zero
-from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh, layout_from_config
+from flashmorph.parallel.layout import layout_from_config
+from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
 from flashmorph.run_dir import prepare_run_dir, setup_file_logging
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training import lora
@@ -170,7 +171,7 @@ def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, p
     run_dir = Path(recipe.run.run_dir)
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
     setup_file_logging(run_dir, info.rank)
-    datasets = build_datasets(recipe, shape["vocab_size"], info)
+    datasets = build_datasets(recipe, shape.vocab_size, info)
     schedule = LengthSchedule([(s.seq_len, s.steps) for s in cfg.length_schedule] or [(recipe.data.seq_len, cfg.steps)])
     dp_size, dp_rank = mesh.layout.data, mesh.dp_rank
     ds_config = zero.build_ds_config(

@@ -98,7 +98,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     setup_file_logging(run_dir, info.rank)
     model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info, show_progress, preemption)
     if dataset is None:
-        space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
+        space, haystack = data_for_model(model_dir, recipe.data, shape.vocab_size)
         dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
     ds_config = zero.build_ds_config(
@@ -118,7 +118,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     root = run_dir / "checkpoints"
     start_step, accuracy, resumed = _resume(engine, root, info, resume_from) if resume else (0, float("nan"), None)
 
-    num_layers = shape["num_layers"]
+    num_layers = shape.num_layers
     k = num_full_layers(search.budget, num_layers)
     budget_fraction = k / num_layers
     accum, world = search.grad_accum_steps, info.world_size
