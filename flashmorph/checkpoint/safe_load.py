@@ -20,11 +20,15 @@ _FORCE_NO = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # would make torch refuse both s
 
 def deepspeed_safe_globals() -> list:
     """The non-tensor types DeepSpeed 0.19 pickles into ZeRO checkpoints (found with
-    torch.serialization.get_unsafe_globals_in_checkpoint on fp32 and bf16 runs): plain data, no code on load."""
+    torch.serialization.get_unsafe_globals_in_checkpoint on fp32 and bf16 runs): plain data, no code on load.
+
+    `getattr` too: some Python versions (3.11.2, for one) pickle an int-valued Enum member such as ZeroStageEnum.weights
+    as getattr(ZeroStageEnum, "weights"). torch's weights-only unpickler still calls only allow-listed callables, so
+    getattr can only fetch an attribute of an allow-listed type; it cannot call what it fetched."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, getattr]
 
 
 @contextlib.contextmanager

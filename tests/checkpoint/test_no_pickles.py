@@ -104,3 +104,33 @@ def test_weights_only_is_forced_even_where_deepspeed_asks_for_pickle(tmp_path, m
             torch.load(tmp_path / "evil.pt", weights_only=False)
     assert not marker.exists()
     assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+class _EnumByGetattr:
+    """How Python 3.11.2 pickles an int-valued Enum member: getattr(ZeroStageEnum, "weights")."""
+
+    def __reduce__(self):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        return getattr, (ZeroStageEnum, "weights")
+
+
+class _CallFetchedMethod:
+    """getattr (allow-listed for the enum form above) fetching a callable of an allowed type, then calling it."""
+
+    def __reduce__(self):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        return getattr(ZeroStageEnum, "_missing_"), (3,)
+
+
+def test_an_enum_pickled_through_getattr_loads_but_a_fetched_callable_never_runs(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"stage": _EnumByGetattr(), "t": torch.ones(2)}, tmp_path / "enum.pt")
+    check_pickles(tmp_path)  # the scan accepts the enum form
+    with weights_only_loads():
+        assert torch.load(tmp_path / "enum.pt")["stage"] is ZeroStageEnum.weights
+    torch.save({"x": _CallFetchedMethod()}, tmp_path / "evil.pt")
+    with weights_only_loads(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "evil.pt")
