@@ -10,13 +10,10 @@ import dataclasses
 import enum
 import errno
 import fcntl
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +22,10 @@ from typing import Any
 
 import yaml
 
-import flashmorph
-from flashmorph.checkpoint.atomic import atomic_write_text, list_checkpoints, verify
+from flashmorph.checkpoint.atomic import list_checkpoints, verify
 from flashmorph.errors import CheckpointError, ConfigError, FlashMorphError
+from flashmorph.io.atomic import atomic_write_text
+from flashmorph.versions import collect_versions
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +37,6 @@ TB_DIR = "tb"
 LOCK_NAME = "run.lock"
 
 _held_locks: dict[Path, int] = {}  # run dir -> open fd of its flock'ed run.lock, kept for the process lifetime
-
-# key in versions.json -> distribution name on the package index
-_TRACKED_PACKAGES = {
-    "torch": "torch",
-    "transformers": "transformers",
-    "deepspeed": "deepspeed",
-    "fla": "flash-linear-attention",
-    "fla-core": "fla-core",
-    "megatron-core": "megatron-core",
-    "datasets": "datasets",
-    "safetensors": "safetensors",
-    "peft": "peft",
-}
 
 
 def _to_plain(value: Any) -> Any:
@@ -142,44 +127,6 @@ def release_run_dir_lock(run_dir: str | os.PathLike) -> None:
     fd = _held_locks.pop(Path(run_dir).expanduser().absolute(), None)
     if fd is not None:
         os.close(fd)  # closing the last descriptor of the open file releases the flock
-
-
-def _flashmorph_git_commit() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the flashmorph source checkout, or (None, None) when not run from a git checkout."""
-    source_root = Path(flashmorph.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(source_root), *args], capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        # an installed copy inside some other repository (e.g. a venv in a project) must not report that repo
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != source_root:
-            return None, None
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, dirty
-
-
-def collect_versions() -> dict[str, Any]:
-    """Python, flashmorph (version and git commit) and the versions of the packages a run depends on."""
-    versions: dict[str, Any] = {"python": platform.python_version(), "flashmorph": flashmorph.__version__}
-    commit, dirty = _flashmorph_git_commit()
-    versions["flashmorph_git_commit"] = commit
-    versions["flashmorph_git_dirty"] = dirty
-    for key, dist in _TRACKED_PACKAGES.items():
-        try:
-            versions[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[key] = "not installed"
-    torch = sys.modules.get("torch")  # only if already imported: recording versions must not import torch
-    if torch is not None:
-        versions["torch_cuda"] = getattr(torch.version, "cuda", None)
-    return versions
 
 
 def check_resume(path: str | os.PathLike, resume: bool) -> None:

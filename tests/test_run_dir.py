@@ -138,7 +138,7 @@ def test_git_commit_recorded_only_for_a_checkout_of_flashmorph(tmp_path, monkeyp
     import shutil
     import subprocess
 
-    from flashmorph import run_dir as run_dir_module
+    from flashmorph import versions
 
     if shutil.which("git") is None:
         pytest.skip("git not installed")
@@ -152,12 +152,12 @@ def test_git_commit_recorded_only_for_a_checkout_of_flashmorph(tmp_path, monkeyp
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
     monkeypatch.setattr(flashmorph, "__file__", str(src / "flashmorph" / "__init__.py"))
-    assert run_dir_module._flashmorph_git_commit() == (head, False)
+    assert versions._flashmorph_git_commit() == (head, False)
     (src / "flashmorph" / "__init__.py").write_text("x = 1\n")
-    assert run_dir_module._flashmorph_git_commit() == (head, True)
+    assert versions._flashmorph_git_commit() == (head, True)
 
     # a copy installed somewhere inside another repository (e.g. a venv) must not report that repository
     nested = src / "venv" / "site-packages" / "flashmorph"
     nested.mkdir(parents=True)
     monkeypatch.setattr(flashmorph, "__file__", str(nested / "__init__.py"))
-    assert run_dir_module._flashmorph_git_commit() == (None, None)
+    assert versions._flashmorph_git_commit() == (None, None)

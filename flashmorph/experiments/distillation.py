@@ -7,7 +7,6 @@ import shutil
 
 import torch
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.config import ModelConfig, ParallelConfig, RunConfig
 from flashmorph.data.text_config import TextDataConfig
 from flashmorph.distill_config import DistillRecipe, StudentConfig
@@ -15,6 +14,7 @@ from flashmorph.evaluation.loading import load_eval_model
 from flashmorph.experiments.bench import Bench, text_corpus
 from flashmorph.experiments.cache import Deadline
 from flashmorph.experiments.timing import timed
+from flashmorph.io.atomic import atomic_write_text
 from flashmorph.stages.distill import run_distill
 
 RESULT = "result.json"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.errors import ConfigError
 from flashmorph.experiments.bench import Bench
 from flashmorph.experiments.cache import Deadline, PartCache
 from flashmorph.experiments.config import ExperimentConfig, layer_budgets
 from flashmorph.experiments.timing import timed
+from flashmorph.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 PARTS = ("teacher", "search", "baselines", "evaluate", "exhaustive", "cost", "distill", "ablations")

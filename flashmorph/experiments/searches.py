@@ -6,11 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.config import GateSearchRecipe, ModelConfig, ParallelConfig, RunConfig
 from flashmorph.experiments.bench import Bench
 from flashmorph.experiments.metrics import search_cost
 from flashmorph.experiments.timing import timed
+from flashmorph.io.atomic import atomic_write_text
 from flashmorph.selection.discretize import load_gate_file
 from flashmorph.stages.gate_search import GATES_FILE, run_gate_search
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from flashmorph.checkpoint.atomic import load_safetensors_verified
 from flashmorph.config import num_full_layers
 from flashmorph.errors import ConfigError
+from flashmorph.io.atomic import load_safetensors_verified
 from flashmorph.selection.layout import HybridLayout, SelectionCost, layout_from_full_layers
 
 

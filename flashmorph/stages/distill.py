@@ -22,6 +22,8 @@ from flashmorph.data.length_schedule import LengthSchedule
 from flashmorph.data.mixture import text_retrieval_mixture
 from flashmorph.data.packed_text import PackedTextDataset
 from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
+from flashmorph.errors import Preempted
+from flashmorph.io import atomic as io_atomic
 from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import apply_layer_modes
@@ -33,7 +35,7 @@ from flashmorph.training import lora
 from flashmorph.training.batches import sample_indices
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
 from flashmorph.training.distill_model import DistillModel, base_lm
-from flashmorph.training.preemption import Preempted, PreemptionGuard
+from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -274,7 +276,7 @@ def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl
             "parallel": {"tensor": mesh.layout.tensor, "sequence": mesh.layout.sequence, "data": mesh.layout.data},
             "student_dir": str(student_dir) if student_dir else None,
         }
-        atomic.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        io_atomic.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         for seq_len, (first, last) in kl_by_length.items():
             print(f"{stage}: KL per token at {seq_len} tokens: {first:.4f} (first step) -> {last:.4f} (last step)",
                   flush=True)

@@ -13,6 +13,8 @@ from flashmorph.checkpoint import atomic
 from flashmorph.config import GateSearchRecipe, num_full_layers, validate_recipe
 from flashmorph.data import RetrievalDataset
 from flashmorph.data.from_model import data_for_model
+from flashmorph.errors import Preempted
+from flashmorph.io import atomic as io_atomic
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
@@ -22,7 +24,7 @@ from flashmorph.stages.teacher import require_teacher, train_teacher
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training.batches import sample_indices
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
-from flashmorph.training.preemption import Preempted, PreemptionGuard
+from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
 GATES_FILE = "gates.safetensors"
@@ -182,9 +184,9 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
     metadata = {"granularity": recipe.morph.gate_granularity, "num_layers": str(len(result.layer_scores)),
                 "steps": str(recipe.search.steps), "model": str(model_dir)}
     # clone: for per-layer gates both tensors view the same storage, which safetensors refuses to write
-    atomic.atomic_save_safetensors({"gate_values": result.gate_values.detach().clone().contiguous(),
-                                    "layer_scores": result.layer_scores.detach().clone().contiguous()},
-                                   result.run_dir / GATES_FILE, metadata=metadata)
+    io_atomic.atomic_save_safetensors({"gate_values": result.gate_values.detach().clone().contiguous(),
+                                       "layer_scores": result.layer_scores.detach().clone().contiguous()},
+                                      result.run_dir / GATES_FILE, metadata=metadata)
     ranking = torch.sort(result.layer_scores, descending=True, stable=True).indices.tolist()
     summary = {
         "layer_scores": [round(v, 4) for v in result.layer_scores.tolist()],
@@ -197,7 +199,7 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "final_retrieval_accuracy": result.final_accuracy,
         "teacher": result.teacher_report,
     }
-    atomic.atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2))
+    io_atomic.atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
 
 

@@ -14,8 +14,8 @@ import torch
 
 from flashmorph.checkpoint import atomic
 from flashmorph.checkpoint.reshard.zero3 import check_rank_files, rank_files
-from flashmorph.checkpoint.safe_load import check_pickles, weights_only_loads
 from flashmorph.errors import CheckpointError
+from flashmorph.io.safe_load import check_pickles, weights_only_loads
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]

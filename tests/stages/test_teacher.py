@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from flashmorph.config import TeacherConfig, validate_teacher
 from flashmorph.data.stdlib_corpus import module_split, stdlib_documents
 from flashmorph.errors import ConfigError
+from flashmorph.errors import Preempted
 from flashmorph.stages.teacher import CHECKPOINTS, TeacherNotReady, require_teacher, train_teacher
-from flashmorph.training.preemption import Preempted
 
 # 2 layers at hidden 32: a few steps take well under a second, enough to test the machinery, not the learning
 TINY = dict(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, vocab_size=64, curriculum=[2, 3],

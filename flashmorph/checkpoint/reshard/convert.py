@@ -13,9 +13,9 @@ from pathlib import Path
 
 from flashmorph.checkpoint import atomic
 from flashmorph.checkpoint.reshard import adapter, hf, zero3
-from flashmorph.checkpoint.reshard import tp as tp_files
 from flashmorph.errors import CheckpointError, ConfigError
 from flashmorph.model.load import SUPPORTED_MODEL_TYPES
+from flashmorph.parallel import tp_shards as tp_files
 from flashmorph.parallel import distributed
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def copy_side_files(config_dir: Path, out_dir: Path) -> None:
 
 
 def _versions() -> dict:
-    from flashmorph.run_dir import collect_versions
+    from flashmorph.versions import collect_versions
 
     return collect_versions()
 
