@@ -32,3 +32,34 @@ def test_the_sys_path_scan_finds_every_kind_of_edit(tmp_path):
             "assert sys.path == old"]
     (tmp_path / "bench" / "x.py").write_text("\n".join(edits + fine) + "\n")
     assert [line.split(": ", 1)[1] for line in sys_path_edits(tmp_path)] == edits
+
+
+# a path joined from a run-directory name (`run_dir / "summary.json"`) outside flashmorph/run_dir.py, which owns them
+RUN_DIR_JOIN = re.compile(r'/\s*"(config\.yaml|versions\.json|log\.txt|run\.lock|checkpoints|tb|summary\.json|'
+                          r'gates\.safetensors|hybrid\.json|teacher|teacher_report\.json|adapter|student)"')
+
+
+def run_dir_name_joins(root: Path) -> list[str]:
+    """`path:line: text` of every line under CODE_DIRS that joins a run-directory file name itself."""
+    found = []
+    for folder in CODE_DIRS:
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.relative_to(root).as_posix() == "flashmorph/run_dir.py":
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if RUN_DIR_JOIN.search(line):
+                    found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    return found
+
+
+def test_run_dir_file_names_come_from_run_dir():
+    assert run_dir_name_joins(ROOT) == [], "ask flashmorph.run_dir.RunDir(path) for the path (.summary, .tb, ...)"
+
+
+def test_the_run_dir_name_scan_finds_a_join(tmp_path):
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "x.py").write_text('a = run_dir / "summary.json"\nb = RunDir(run_dir).summary\n'
+                                            'c = Path(d) /"tb"\n')
+    assert run_dir_name_joins(tmp_path) == ['tools/x.py:1: a = run_dir / "summary.json"',
+                                            'tools/x.py:3: c = Path(d) /"tb"']
+

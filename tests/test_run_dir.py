@@ -12,7 +12,7 @@ import yaml
 import flashmorph
 from flashmorph.checkpoint.atomic import finalize, prepare_staging
 from flashmorph.errors import FlashMorphError
-from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.run_dir import RunDir, prepare_run_dir, setup_file_logging
 
 CONFIG = {"stage": "gate_search", "model": {"path": "/models/llama", "layers": 4}, "lr": 0.05, "seq_lens": [512, 1024]}
 
@@ -37,6 +37,22 @@ def test_creates_layout_config_and_versions(tmp_path):
     assert versions["flashmorph_git_commit"] is None or len(versions["flashmorph_git_commit"]) == 40
     assert "hostname" not in versions and os.uname().nodename not in json.dumps(versions)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp or probe files left
+
+
+def test_run_dir_names_every_file_of_a_run(tmp_path):
+    run = RunDir(str(tmp_path))  # a str is taken as a path
+    assert run.path == tmp_path
+    assert {name: getattr(run, name).relative_to(tmp_path).as_posix() for name in (
+        "config", "versions", "log", "lock", "checkpoints", "tb", "summary", "gates", "hybrid", "teacher",
+        "teacher_report", "adapter", "student")} == {
+        "config": "config.yaml", "versions": "versions.json", "log": "log.txt", "lock": "run.lock",
+        "checkpoints": "checkpoints", "tb": "tb", "summary": "summary.json", "gates": "gates.safetensors",
+        "hybrid": "hybrid.json", "teacher": "teacher", "teacher_report": "teacher/teacher_report.json",
+        "adapter": "adapter", "student": "student"}
+    run_dir = prepare_run_dir(tmp_path / "a", CONFIG, resume=False)
+    written = RunDir(run_dir)
+    assert written.config.is_file() and written.versions.is_file()
+    assert written.checkpoints.is_dir() and written.tb.is_dir()
 
 
 def test_config_dataclasses_and_paths_become_plain_yaml(tmp_path):

@@ -18,7 +18,7 @@ from flashmorph.io import atomic as io_atomic
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
-from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
 from flashmorph.telemetry import MetricsWriter
@@ -27,7 +27,6 @@ from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
 from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
-GATES_FILE = "gates.safetensors"
 WEAK_TEACHER_RECALL = 0.5
 
 
@@ -59,9 +58,9 @@ def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info, show_progr
                        preemption: PreemptionGuard | None) -> tuple[Path, dict | None]:
     if recipe.model.path is not None:
         return Path(recipe.model.path), None
-    teacher_dir = run_dir / "teacher"
+    teacher_dir = RunDir(run_dir).teacher
     distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir, show_progress, preemption), info)
-    report = json.loads((teacher_dir / "teacher_report.json").read_text())
+    report = json.loads((teacher_dir / TEACHER_REPORT_NAME).read_text())
     require_teacher(report, recipe.teacher, teacher_dir)  # TeacherNotReady (exit 3) before any gate is trained
     return teacher_dir, report
 
@@ -111,14 +110,14 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
     engine.train()
 
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     start_step, accuracy = _resume(engine, root, info) if resume else (0, float("nan"))
 
     num_layers = shape["num_layers"]
     k = num_full_layers(search.budget, num_layers)
     budget_fraction = k / num_layers
     accum, world = search.grad_accum_steps, info.world_size
-    writer = MetricsWriter(run_dir / "tb", enabled=info.is_main)
+    writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
     bar = tqdm(total=search.steps, initial=start_step, desc="gate search", disable=not (info.is_main and show_progress))
     for step in range(start_step, search.steps):
         started = time.perf_counter()
@@ -186,7 +185,7 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
     # clone: for per-layer gates both tensors view the same storage, which safetensors refuses to write
     io_atomic.atomic_save_safetensors({"gate_values": result.gate_values.detach().clone().contiguous(),
                                        "layer_scores": result.layer_scores.detach().clone().contiguous()},
-                                      result.run_dir / GATES_FILE, metadata=metadata)
+                                      RunDir(result.run_dir).gates, metadata=metadata)
     ranking = torch.sort(result.layer_scores, descending=True, stable=True).indices.tolist()
     summary = {
         "layer_scores": [round(v, 4) for v in result.layer_scores.tolist()],
@@ -199,7 +198,7 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "final_retrieval_accuracy": result.final_accuracy,
         "teacher": result.teacher_report,
     }
-    io_atomic.atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2))
+    io_atomic.atomic_write_text(RunDir(result.run_dir).summary, json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
 
 

@@ -34,11 +34,10 @@ from flashmorph.evaluation.retrieval import answer_hits
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from flashmorph.parallel.quiet import no_transformers_progress_bars
+from flashmorph.run_dir import CHECKPOINTS_DIR, TEACHER_REPORT_NAME
 from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
-REPORT = "teacher_report.json"
-CHECKPOINTS = "checkpoints"
 MIN_STEPS_PER_STAGE = 20  # the running recall needs a few batches before it means anything
 TEACHER_NOT_READY_EXIT_CODE = 3  # distinct from 2 (bad recipe): the recipe was fine, the teacher did not learn
 _TEXT_STREAM_TAG = 0x7E47  # keeps the text windows' random stream apart from the retrieval streams of one seed
@@ -195,7 +194,7 @@ def train_teacher(teacher: TeacherConfig, out_dir: str | Path, show_progress: bo
     `preemption`, a stop signal ends training after the current step with a checkpoint and raises `Preempted`.
     """
     out_dir = Path(out_dir)
-    report_file = out_dir / REPORT
+    report_file = out_dir / TEACHER_REPORT_NAME
     if report_file.is_file() and (out_dir / "config.json").is_file():
         log.info("reusing the trained teacher in %s", out_dir)
         return json.loads(report_file.read_text())
@@ -210,7 +209,7 @@ def train_teacher(teacher: TeacherConfig, out_dir: str | Path, show_progress: bo
     text = TextWindows(space, "train", teacher.text_seq_len, teacher.seed) if uses_text else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=teacher.lr, weight_decay=0.01)
 
-    root = out_dir / CHECKPOINTS
+    root = out_dir / CHECKPOINTS_DIR
     # progress: where the curriculum is, so a resumed run continues at the same step of the same stage
     progress = {"step": 0, "stage": 0, "stage_step": 0, "running": 0.0, "stages": [], "train_seconds": 0.0,
                 "teacher": dataclasses.asdict(teacher)}
