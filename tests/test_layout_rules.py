@@ -1,5 +1,6 @@
 """Rules of the tree that a grep can check: no code of ours edits sys.path (scripts run as modules from the checkout,
-tests get it from pytest's `pythonpath`, launchers and tools import the installed flashmorph)."""
+tests get it from pytest's `pythonpath`, launchers and tools import the installed flashmorph), and run-directory file
+names are joined in flashmorph/run_dir.py only (everything else asks RunDir)."""
 
 import re
 from pathlib import Path
@@ -9,15 +10,21 @@ CODE_DIRS = ("flashmorph", "bench", "launcher", "tools")
 SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\s*\(|\[[^\]]*\]\s*=(?!=)|\s*[+]?=(?!=))")
 
 
-def sys_path_edits(root: Path) -> list[str]:
-    """`path:line: text` of every line under CODE_DIRS that edits sys.path."""
+def matching_lines(root: Path, pattern: re.Pattern, exempt: tuple[str, ...] = ()) -> list[str]:
+    """`path:line: text` of every line under CODE_DIRS (files in `exempt` aside) that `pattern` finds."""
     found = []
     for folder in CODE_DIRS:
         for path in sorted((root / folder).rglob("*.py")):
+            if path.relative_to(root).as_posix() in exempt:
+                continue
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if SYS_PATH_EDIT.search(line):
+                if pattern.search(line):
                     found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
     return found
+
+
+def sys_path_edits(root: Path) -> list[str]:
+    return matching_lines(root, SYS_PATH_EDIT)
 
 
 def test_no_code_of_ours_edits_sys_path():
@@ -40,16 +47,7 @@ RUN_DIR_JOIN = re.compile(r'/\s*"(config\.yaml|versions\.json|log\.txt|run\.lock
 
 
 def run_dir_name_joins(root: Path) -> list[str]:
-    """`path:line: text` of every line under CODE_DIRS that joins a run-directory file name itself."""
-    found = []
-    for folder in CODE_DIRS:
-        for path in sorted((root / folder).rglob("*.py")):
-            if path.relative_to(root).as_posix() == "flashmorph/run_dir.py":
-                continue
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if RUN_DIR_JOIN.search(line):
-                    found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
-    return found
+    return matching_lines(root, RUN_DIR_JOIN, exempt=("flashmorph/run_dir.py",))
 
 
 def test_run_dir_file_names_come_from_run_dir():
