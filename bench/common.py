@@ -26,17 +26,17 @@ from typing import Any, NamedTuple
 
 import torch
 
+from flashmorph.estimate import PRESETS
+from flashmorph.model.shape import ModelShape
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 # Llama-3 shapes (weights are random: nothing is downloaded). "tiny" is the CPU smoke shape of every benchmark.
 SHAPES = {
-    "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=14336, vocab_size=128256),
-    "llama3-1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=8192, vocab_size=128256),
-    "tiny": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512),
+    "llama3-8b": PRESETS["llama3-8b"],
+    "llama3-1b": ModelShape("llama3-1b", 16, 2048, 32, 8, 64, 8192, 128256, model_type="llama"),
+    "tiny": ModelShape("tiny", 4, 64, 4, 2, 16, 128, 512, model_type="llama"),
 }
 ROPE_THETA = 500000.0  # Llama-3's
 MAX_POSITIONS = 131072
@@ -51,9 +51,9 @@ def llama_config(shape: str):
 
     if shape not in SHAPES:
         raise SystemExit(f"error: --shape {shape!r} is unknown; use one of {sorted(SHAPES)}")
-    return LlamaConfig(**SHAPES[shape], rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-                       max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(**SHAPES[shape].hf_config_kwargs(),
+                       rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                       max_position_embeddings=MAX_POSITIONS, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def build_lm(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):

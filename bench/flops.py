@@ -6,6 +6,8 @@ of the chip the *model's* arithmetic uses. Multiply-adds count as 2 FLOPs.
 
 from __future__ import annotations
 
+from flashmorph.model.shape import ModelShape
+
 # datasheet dense bf16 tensor-core peaks (no sparsity), FLOP/s
 PEAK_BF16_FLOPS = {"H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12}
 
@@ -13,12 +15,12 @@ PEAK_BF16_FLOPS = {"H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12
 def matmul_params(config) -> int:
     """N: the weights every token is multiplied by, i.e. q/k/v/o and the gated MLP of every layer plus the LM head.
     The input embedding is a table lookup and the norms are elementwise, so neither is counted."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shape = ModelShape.from_config(config)
+    hidden = shape.hidden_size
+    q_out, kv_out = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     attention = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
-    mlp = 3 * hidden * config.intermediate_size  # gate, up, down
-    return layers * (attention + mlp) + hidden * config.vocab_size
+    mlp = 3 * hidden * shape.intermediate_size  # gate, up, down
+    return shape.num_layers * (attention + mlp) + hidden * shape.vocab_size
 
 
 def attention_flops_per_token(config, seq_len: int, num_full_layers: int | None = None, num_linear_layers: int = 0,
@@ -30,10 +32,10 @@ def attention_flops_per_token(config, seq_len: int, num_full_layers: int | None 
     linear (GLA) layer: the state update k^T v and the read-out q·S, 2·H·Dh·Dh each -> 4·H·Dh², independent of T.
     num_full_layers defaults to every layer that is not linear.
     """
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    heads = config.num_attention_heads
+    shape = ModelShape.from_config(config)
+    head_dim, heads = shape.head_dim, shape.num_heads
     if num_full_layers is None:
-        num_full_layers = config.num_hidden_layers - num_linear_layers
+        num_full_layers = shape.num_layers - num_linear_layers
     softmax = 4 * heads * head_dim * seq_len * (0.5 if causal else 1.0)
     linear = 4 * heads * head_dim * head_dim
     return num_full_layers * softmax + num_linear_layers * linear

@@ -27,6 +27,7 @@ from bench.common import (Ratio, base_parser, build_lm, format_bytes, format_len
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.hybrid import apply_hybrid_layout, make_hybrid_cache
 from flashmorph.model.hybrid_cache import RecurrentStateLayer, cache_nbytes
+from flashmorph.model.shape import ModelShape
 from flashmorph.selection.baselines import periodic_indices
 from flashmorph.selection.discretize import resolve_budget
 
@@ -64,7 +65,8 @@ def filled_cache(lm, batch: int, length: int, seed: int = 0):
     [B, H, D, D] in linear layers."""
     config = lm.config
     param = next(lm.parameters())
-    kv_heads, heads, head_dim = config.num_key_value_heads, config.num_attention_heads, config.head_dim
+    shape = ModelShape.from_config(config)
+    kv_heads, heads, head_dim = shape.num_kv_heads, shape.num_heads, shape.head_dim
     gen = torch.Generator(device=param.device).manual_seed(seed)
     cache = make_hybrid_cache(lm)
     for idx, layer in enumerate(cache.layers):

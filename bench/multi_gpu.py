@@ -442,7 +442,8 @@ def run_sp(args, world: World, report: Report) -> list[str]:
     from flashmorph.model.config import MorphConfig
     from flashmorph.model.hybrid import apply_hybrid_layout
     from flashmorph.parallel import zero
-    from flashmorph.parallel.mesh import destroy_mesh, init_mesh, resolve_layout
+    from flashmorph.parallel.layout import resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
     from flashmorph.parallel.sequence import install_sequence_parallel, shard_sequence, uninstall_sequence_parallel
     from flashmorph.training import lora
     from flashmorph.training.distill_model import DistillModel
@@ -575,7 +576,8 @@ def run_tp(args, world: World, report: Report) -> list[str]:
     from flashmorph.model.hybrid import apply_hybrid_layout
     from flashmorph.model.morph import apply_layer_modes
     from flashmorph.parallel import zero
-    from flashmorph.parallel.mesh import destroy_mesh, init_mesh, resolve_layout
+    from flashmorph.parallel.layout import resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
     from flashmorph.parallel.tensor import apply_tensor_parallel
     from flashmorph.training.distill_model import DistillModel
 

@@ -1,6 +1,7 @@
 """Recipe dataclasses, YAML loading with --override a.b=c, and validation before any model is built."""
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from flashmorph.data.config import DataConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import DTYPES, MorphConfig
 from flashmorph.model.hf_dir import validate_model_dir
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import ParallelLayout, check_layout
 
 REGULARIZERS = ("mean", "budget")
 TEACHER_DEVICES = ("auto", "cpu", "cuda")
@@ -71,6 +74,7 @@ class SearchConfig:
     log_every: int = 1  # steps between tensorboard/console logs
     save_every: int = 100  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # complete checkpoints kept on disk (0 = keep all)
+    max_bad_steps: int = 10  # stop (exit 4) after this many steps in a row skipped for NaN/Inf loss, gates or grads
 
 
 @dataclass
@@ -219,24 +223,45 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), cls=G
 # --------------------------------------------------------------------------------------- validation
 
 
-def model_shape(recipe: GateSearchRecipe) -> dict[str, int]:
-    """Layer and head counts read from config.json (or the teacher section), without building a model."""
+def model_shape(recipe: GateSearchRecipe) -> ModelShape:
+    """The model's shape from config.json (or the teacher section), without building a model."""
     if recipe.model.path is None:
-        t = recipe.teacher
-        return {"num_layers": t.num_layers, "num_heads": t.num_heads, "num_kv_heads": t.num_kv_heads,
-                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": 4 * t.hidden_size}
+        return ModelShape.from_teacher(recipe.teacher)
     # family, keys and their types, weights present and not truncated, tokenizer ids: hf_dir.validate_model_dir
     return validate_model_dir(recipe.model.path, f"model.path={recipe.model.path}")
 
 
-def num_full_layers(budget: int | float, num_layers: int) -> int:
-    """The budget as a layer count: ints are counts, floats are fractions of the layers (rounded)."""
+def resolve_budget(budget, total: int, field: str = "--budget", unit: str = "layers", hybrid: bool = False) -> int:
+    """The one full-attention budget rule: a count of `unit` out of `total` (an int is the count, a float a fraction);
+    anything else is a one-line ConfigError naming `field`.
+
+    Gate search, discretization and the baselines take counts in [0, total] and fractions in [0, 1] rounded with
+    round() (half to even), so all of them pick the same k. hybrid=True (the selection experiment, whose layouts
+    need both kinds of layer): counts in [1, total - 1], fractions in (0, 1) rounded half up, at least 1.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"{field}={budget!r} must be a count (int) or a fraction (float in [0, 1])")
     if isinstance(budget, float):
-        return round(budget * num_layers)
+        inside = 0.0 < budget < 1.0 if hybrid else 0.0 <= budget <= 1.0
+        if not (math.isfinite(budget) and inside):
+            raise ConfigError(f"{field}={budget} as a fraction must lie in {'(0, 1)' if hybrid else '[0, 1]'}; or "
+                              f"give a count of {unit} as an int")
+        return max(1, math.floor(budget * total + 0.5)) if hybrid else round(budget * total)
+    if hybrid and not 1 <= budget < total:
+        raise ConfigError(f"{field}={budget} must keep 1..{total - 1} of the {total} {unit}")
+    if budget < 0:
+        raise ConfigError(f"{field}={budget} must be >= 0 (0 makes every one of the {unit} linear)")
+    if budget > total:
+        raise ConfigError(f"{field}={budget} exceeds the {total} {unit}; give at most {total}, or a fraction in [0, 1]")
     return budget
 
 
-def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
+def num_full_layers(budget: int | float, num_layers: int) -> int:
+    """search.budget as a count of full-attention layers (resolve_budget's rule)."""
+    return resolve_budget(budget, num_layers, "search.budget")
+
+
+def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
     """Raise ConfigError on the first problem; returns the model shape it read. Builds nothing."""
     run, model, search, parallel = recipe.run, recipe.model, recipe.search, recipe.parallel
     run.validate()
@@ -245,17 +270,10 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
         raise ConfigError(f"model.path={model.path} does not exist; give a local HF model directory or null for the embedded teacher")
     recipe.morph.validate()
     shape = model_shape(recipe)
-    layers = shape["num_layers"]
-    if isinstance(search.budget, float) and not 0.0 <= search.budget <= 1.0:
-        raise ConfigError(f"search.budget={search.budget} as a fraction must lie in [0, 1]; or give a layer count (int)")
-    k = num_full_layers(search.budget, layers)
-    if k > layers:
-        raise ConfigError(f"search.budget={search.budget} is larger than the model's {layers} layers; lower it to <= {layers}")
-    if k < 0:
-        raise ConfigError(f"search.budget={search.budget} must be >= 0")
+    num_full_layers(search.budget, shape.num_layers)  # a one-line ConfigError for a budget the model cannot have
     if search.regularizer not in REGULARIZERS:
         raise ConfigError(f"search.regularizer={search.regularizer!r} is unknown; use one of {REGULARIZERS}")
-    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_bad_steps"):
         if getattr(search, name) < 1:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 1")
     for name in ("save_every", "reg_warmup_steps", "keep_last"):
@@ -263,23 +281,19 @@ def validate_recipe(recipe: GateSearchRecipe) -> dict[str, int]:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0")
     if search.lr <= 0:
         raise ConfigError(f"search.lr={search.lr} must be > 0")
+    for name in ("weight_decay", "grad_clip", "reg_weight"):  # torch/DeepSpeed would refuse them after the run dir exists
+        if getattr(search, name) < 0:
+            raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0 (0 turns it off)")
     parallel.validate_deepspeed()
     sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
-    if sp < 1 or tp < 1:
-        raise ConfigError("parallel.sequence_parallel and parallel.tensor_parallel must be >= 1")
-    if shape["num_heads"] % (sp * tp):
-        raise ConfigError(
-            f"parallel.sequence_parallel={sp} x tensor_parallel={tp} does not divide the model's {shape['num_heads']} heads; "
-            "choose degrees whose product divides the head count")
-    if recipe.data.seq_len % sp:
-        raise ConfigError(f"parallel.sequence_parallel={sp} does not divide data.seq_len={recipe.data.seq_len}; make seq_len a multiple of it")
+    check_layout(ParallelLayout(tensor=tp, sequence=sp, data=1), shape, recipe.data.seq_len)
     if sp > 1 or tp > 1:  # checked after the divisibility rules so a user learns every problem of the value
         raise ConfigError(f"parallel.sequence_parallel={sp}, tensor_parallel={tp}: gate search runs data-parallel "
                           "under ZeRO-3 only for now; set both to 1 (sequence/tensor parallelism arrive with "
                           "distillation)")
     if model.path is None:
         validate_teacher(recipe.teacher)
-    recipe.data.validate(vocab_size=shape["vocab_size"] if model.path is None else None)
+    recipe.data.validate(vocab_size=shape.vocab_size if model.path is None else None)
     return shape
 
 

@@ -11,6 +11,8 @@ from flashmorph.data.text_config import TextDataConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.layout import read_layout
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import check_layout, check_trainable, layout_from_config
 from flashmorph.run_dir import RunDir
 
 TRAINABLE_SETS = ("lora", "linear", "full")
@@ -50,6 +52,7 @@ class DistillConfig:
     log_every: int = 1  # steps between tensorboard/console logs
     save_every: int = 100  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # complete checkpoints kept on disk (0 = keep all)
+    max_bad_steps: int = 10  # stop (exit 4) after this many steps in a row skipped for NaN/Inf loss or gradients
 
 
 @dataclass
@@ -77,10 +80,8 @@ class DistillRecipe:
         return max(s.seq_len for s in schedule) if schedule else self.data.seq_len
 
 
-def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> dict[str, int]:
+def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> ModelShape:
     """Raise ConfigError on the first problem; returns the model shape. Reads config.json and hybrid.json only."""
-    from flashmorph.parallel.mesh import check_layout_for_model, layout_from_config
-
     run, model, student, distill, parallel = recipe.run, recipe.model, recipe.student, recipe.distill, recipe.parallel
     run.validate()
     if model.path is None:
@@ -97,19 +98,15 @@ def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> dict[
     if recipe.morph.gate_granularity != "layer":
         raise ConfigError("morph.gate_granularity must be 'layer' for distillation: the student is a hybrid of whole layers")
     shape = model_shape(recipe)
-    read_layout(student.layout, shape["num_layers"])  # one-line error if it does not fit the model
+    read_layout(student.layout, shape.num_layers)  # one-line error if it does not fit the model
     if student.init_from is not None:
-        check_init_from(student.init_from, distill.trainable, shape["num_layers"])
+        check_init_from(student.init_from, distill.trainable, shape.num_layers)
     _validate_distill(distill)
     parallel.validate_deepspeed()
     layout = layout_from_config(parallel, world_size)
     for seq_len in ([s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]):
-        check_layout_for_model(layout, num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"],
-                               hidden_size=shape["hidden_size"], intermediate_size=shape.get("intermediate_size"),
-                               seq_len=seq_len)
-    if layout.tensor > 1 and distill.trainable == "lora":
-        raise ConfigError(f"distill.trainable=lora with parallel.tensor_parallel={layout.tensor}: peft adapters do not wrap megatron's "
-                          "parallel layers here; use trainable=linear or full with TP, or tensor_parallel=1 with LoRA")
+        check_layout(layout, shape, seq_len)
+    check_trainable(layout, distill.trainable)
     for stage_len in [s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]:
         dataclasses.replace(recipe.data, seq_len=stage_len).validate()
     recipe.text.validate()
@@ -127,7 +124,10 @@ def _validate_distill(d: DistillConfig) -> None:
         raise ConfigError(f"distill.ce_weight={d.ce_weight} must be >= 0")
     if d.lr <= 0:
         raise ConfigError(f"distill.lr={d.lr} must be > 0")
-    for name in ("micro_batch_size", "grad_accum_steps", "log_every", "token_chunk", "vocab_chunk"):
+    for name in ("weight_decay", "grad_clip"):  # torch/DeepSpeed would refuse them after the run dir exists
+        if getattr(d, name) < 0:
+            raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 0 (0 turns it off)")
+    for name in ("micro_batch_size", "grad_accum_steps", "log_every", "token_chunk", "vocab_chunk", "max_bad_steps"):
         if getattr(d, name) < 1:
             raise ConfigError(f"distill.{name}={getattr(d, name)} must be >= 1")
     for name in ("save_every", "keep_last", "warmup_steps"):
@@ -161,6 +161,6 @@ def check_init_from(run_dir: str, trainable: str, num_layers: int) -> None:
                               "with distill.trainable=lora")
         return
     student = validate_model_dir(RunDir(run_dir).student, f"{where} (its student/)")
-    if student["num_layers"] != num_layers:
-        raise ConfigError(f"{where}: its student has {student['num_layers']} layers but model.path has {num_layers}; "
+    if student.num_layers != num_layers:
+        raise ConfigError(f"{where}: its student has {student.num_layers} layers but model.path has {num_layers}; "
                           "continue from a run of the same model")

@@ -14,6 +14,10 @@ class ConfigError(FlashMorphError):
 class CheckpointError(FlashMorphError):
     """A checkpoint is missing, incomplete or corrupted."""
 
+    def __init__(self, message: str, file: str | None = None):
+        super().__init__(message)
+        self.file = file  # the damaged file (relative to its checkpoint, or a path), when one file is to blame
+
 
 class Preempted(Exception):
     """Raised by a stage after it saved the checkpoint of `step` because a stop signal arrived; not an error.

@@ -10,13 +10,15 @@ import re
 from dataclasses import dataclass, field
 
 from flashmorph.errors import ConfigError
-from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import DegreeNames, check_layout, check_trainable, resolve_layout
 
 GIB = 1024**3
 FP32 = 4  # bytes of every fp32 tensor (optimizer state, master weights, upcast norms/softmax)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRAINABLE_SETS = ("gates", "lora", "linear", "full")
 ZERO_STAGES = (0, 1, 2, 3)
+ESTIMATE_NAMES = DegreeNames(tensor="tensor_parallel", sequence="sequence_parallel", world="gpus", trainable="trainable")
 
 # DeepSpeed defaults (deepspeed/runtime/zero/config.py, 0.19): read from its source, not guessed.
 DS_PREFETCH_BUCKET_ELEMS = 5e7  # stage3_prefetch_bucket_size (flashmorph.parallel.zero sets the same value)
@@ -42,37 +44,14 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # ----------------------------------------------------------------------------------------- model shapes
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a Llama/Qwen/Mistral-family decoder that memory depends on."""
-
-    name: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_embeddings: bool
-    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
-    qkv_bias: bool = False  # Qwen2: biases on q/k/v
-
-    def projection_dims(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each projection of one decoder layer, before TP."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
-            self.intermediate_size
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
 # Published config.json values of each model (hub: meta-llama/Meta-Llama-3-{8B,70B}, Qwen/Qwen3-{4B,8B,32B}).
 PRESETS = {
-    "llama3-8b": ModelShape("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256, tie_embeddings=False),
-    "llama3-70b": ModelShape("llama3-70b", 80, 8192, 64, 8, 128, 28672, 128256, tie_embeddings=False),
-    "qwen3-4b": ModelShape("qwen3-4b", 36, 2560, 32, 8, 128, 9728, 151936, tie_embeddings=True, qk_norm=True),
-    "qwen3-8b": ModelShape("qwen3-8b", 36, 4096, 32, 8, 128, 12288, 151936, tie_embeddings=False, qk_norm=True),
-    "qwen3-32b": ModelShape("qwen3-32b", 64, 5120, 64, 8, 128, 25600, 151936, tie_embeddings=False, qk_norm=True),
+    "llama3-8b": ModelShape("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256, model_type="llama"),
+    "llama3-70b": ModelShape("llama3-70b", 80, 8192, 64, 8, 128, 28672, 128256, model_type="llama"),
+    "qwen3-4b": ModelShape("qwen3-4b", 36, 2560, 32, 8, 128, 9728, 151936, tie_embeddings=True, qk_norm=True,
+                           model_type="qwen3"),
+    "qwen3-8b": ModelShape("qwen3-8b", 36, 4096, 32, 8, 128, 12288, 151936, qk_norm=True, model_type="qwen3"),
+    "qwen3-32b": ModelShape("qwen3-32b", 64, 5120, 64, 8, 128, 25600, 151936, qk_norm=True, model_type="qwen3"),
 }
 
 
@@ -89,33 +68,8 @@ def preset_named_by(model_name: str) -> str | None:
 
 
 def shape_from_hf_config(config: dict, name: str = "model") -> ModelShape:
-    """A ModelShape from a config.json dict (a multimodal config's `text_config` when the top level lacks it).
-
-    head_dim defaults to hidden/heads, num_key_value_heads to heads, tie_word_embeddings to False (the
-    Llama/Qwen config classes' default); qk_norm is on for model_type qwen3, qkv_bias for qwen2.
-    """
-    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
-        config = config["text_config"]
-    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [key for key in required if not isinstance(config.get(key), int)]
-    if missing:
-        raise ConfigError(f"{name} config.json lacks an integer {missing[0]}; the estimator needs "
-                          f"{', '.join(required)}")
-    heads = config["num_attention_heads"]
-    model_type = str(config.get("model_type", ""))
-    return ModelShape(
-        name=name,
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        intermediate_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qk_norm=model_type.startswith("qwen3"),
-        qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-    )
+    """A ModelShape from a config.json dict of any Llama-like decoder (the family is not checked)."""
+    return ModelShape.from_hf_config(config, name, morphable=False)
 
 
 def load_shape(preset: str | None = None, model_dir: str | None = None) -> ModelShape:
@@ -126,7 +80,8 @@ def load_shape(preset: str | None = None, model_dir: str | None = None) -> Model
         if preset not in PRESETS:
             raise ConfigError(f"--preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
         return PRESETS[preset]
-    return shape_from_hf_config(read_model_config(model_dir, f"--model-dir {model_dir}"), name=str(model_dir))
+    shape = ModelShape.from_model_dir(model_dir, f"--model-dir {model_dir}", morphable=False)
+    return dataclasses.replace(shape, name=str(model_dir))
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -188,37 +143,15 @@ def validate(shape: ModelShape, setup: EstimateSetup) -> None:
         value = getattr(setup, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
-    tp, sp = setup.tensor_parallel, setup.sequence_parallel
-    if setup.gpus % (tp * sp):
-        raise ConfigError(f"gpus={setup.gpus} is not divisible by tensor_parallel x sequence_parallel = {tp}x{sp} = "
-                          f"{tp * sp}; use a multiple of {tp * sp} GPUs or change the layout")
-    if shape.num_heads % tp:
-        raise ConfigError(f"tensor_parallel={tp} does not divide the {shape.num_heads} attention heads of "
-                          f"{shape.name}; use a divisor of {shape.num_heads}")
-    if shape.num_kv_heads % tp:
-        raise ConfigError(f"tensor_parallel={tp} does not divide the {shape.num_kv_heads} key/value heads of "
-                          f"{shape.name} (megatron-core splits KV groups); use a divisor of {shape.num_kv_heads}")
-    for name in ("hidden_size", "intermediate_size"):
-        if getattr(shape, name) % tp:
-            raise ConfigError(f"tensor_parallel={tp} does not divide {name}={getattr(shape, name)} of {shape.name}")
-    heads_tp, kv_tp = shape.num_heads // tp, shape.num_kv_heads // tp
-    if heads_tp % sp:
-        raise ConfigError(f"sequence_parallel={sp} does not divide the {heads_tp} attention heads per TP rank "
-                          f"({shape.num_heads} / tensor_parallel {tp}); use a divisor of {heads_tp}")
-    if kv_tp % sp and sp % kv_tp:
-        raise ConfigError(f"sequence_parallel={sp} and the {kv_tp} key/value heads per TP rank must divide one "
-                          "another (Ulysses splits or replicates KV heads)")
-    if setup.seq_len % sp:
-        raise ConfigError(f"seq_len={setup.seq_len} is not divisible by sequence_parallel={sp}")
+    layout = resolve_layout(setup.tensor_parallel, setup.sequence_parallel, setup.gpus, ESTIMATE_NAMES)
+    check_layout(layout, shape, setup.seq_len, ESTIMATE_NAMES)
     if setup.dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype={setup.dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
     if setup.trainable not in TRAINABLE_SETS:
         raise ConfigError(f"trainable={setup.trainable!r} is unknown; use one of {', '.join(TRAINABLE_SETS)}")
     if setup.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"zero_stage={setup.zero_stage!r} must be one of 0, 1, 2, 3")
-    if setup.trainable == "lora" and tp > 1:
-        raise ConfigError(f"trainable=lora with tensor_parallel={tp}: peft adapters do not wrap megatron's parallel "
-                          "layers; use trainable=linear or full with TP, or tensor_parallel=1 with LoRA")
+    check_trainable(layout, setup.trainable, ESTIMATE_NAMES)
     if setup.trainable == "lora":
         if not isinstance(setup.lora_rank, int) or setup.lora_rank < 1:
             raise ConfigError(f"lora_rank={setup.lora_rank!r} must be a positive integer")

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.hf_dir import read_model_config, validate_model_dir
+from flashmorph.model.hf_dir import validate_model_dir
+from flashmorph.model.shape import read_model_config
 from flashmorph.model.hybrid import SECTION_KEY, apply_hybrid_layout, parse_layout, read_hybrid_section, read_layout
 from flashmorph.model.load import TORCH_DTYPES
 
@@ -71,9 +72,9 @@ def export_hybrid(
     """
     shape = validate_model_dir(model_dir, f"--model {model_dir}")  # family, keys, weight headers, tokenizer
     if isinstance(layout, (str, os.PathLike)):
-        modes = read_layout(layout, shape["num_layers"])
+        modes = read_layout(layout, shape.num_layers)
     else:
-        modes = parse_layout(layout, shape["num_layers"])
+        modes = parse_layout(layout, shape.num_layers)
     torch_dtype = resolve_dtype(dtype)
     check_out_dir(out_dir, force)
     morph_config = morph_config or MorphConfig()

@@ -1,7 +1,8 @@
 """What every stage entry point shares: its arguments, validation before any process group, and exit codes.
 
 Exit codes: 0 done, 2 bad recipe or unusable run directory, 3 the embedded teacher never finished its curriculum
-(TeacherNotReady; see teacher.require_complete), 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
+(TeacherNotReady; see teacher.require_complete), 4 too many optimizer steps in a row had NaN/Inf values
+(NumericalFault; search.max_bad_steps / distill.max_bad_steps), 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGUSR1
 after saving a complete checkpoint (rerun with --resume); anything else is a crash.
 """
 
@@ -18,9 +19,22 @@ def stage_parser(description: str, example_recipe: str, example_override: str) -
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help=f"override one recipe field (repeatable), e.g. --override {example_override}")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--resume-from", type=_step, default=None, metavar="STEP",
+                        help="continue from the checkpoint of this step (implies --resume); refused if missing or "
+                             "damaged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser
+
+
+def _step(text: str) -> int:
+    try:
+        step = int(text)
+    except ValueError:
+        step = -1
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a checkpoint step; give the N of a checkpoints/step_N")
+    return step
 
 
 def run_stage(prepare, run) -> int:

@@ -161,17 +161,31 @@ def release_run_dir_lock(run_dir: str | os.PathLike) -> None:
         os.close(fd)  # closing the last descriptor of the open file releases the flock
 
 
-def check_resume(path: str | os.PathLike, resume: bool) -> None:
-    """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run."""
+def check_resume(path: str | os.PathLike, resume: bool, resume_from: int | None = None) -> None:
+    """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run.
+    --resume-from STEP (implies --resume) needs that step's checkpoint, complete (hashes are checked on resume)."""
     run_dir = Path(path).expanduser()
+    resume = resume or resume_from is not None
     if not resume:
         return
     if not run_dir.is_dir():
         raise FlashMorphError(f"--resume: run_dir {run_dir} does not exist, so there is nothing to resume; fix "
                               "run.run_dir, or drop --resume to start a new run")
-    found = list_checkpoints(RunDir(run_dir).checkpoints)
+    checkpoints = RunDir(run_dir).checkpoints
+    found = list_checkpoints(checkpoints)
+    if resume_from is not None:
+        chosen = checkpoints / f"step_{resume_from}"
+        if chosen not in found:
+            steps = ", ".join(p.name.removeprefix("step_") for p in found) or "none"
+            raise CheckpointError(f"--resume-from {resume_from}: {checkpoints} holds no checkpoint of "
+                                  f"step {resume_from} (steps there: {steps}); pick one of them, or use --resume")
+        try:
+            verify(chosen, deep=False)
+        except CheckpointError as err:
+            raise CheckpointError(f"--resume-from {resume_from}: {err}") from None
+        return
     if found and not any(_complete(ckpt) for ckpt in found):  # sizes only here; hashes are checked on resume
-        raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {RunDir(run_dir).checkpoints} is "
+        raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {checkpoints} is "
                               "complete (manifest missing or files truncated), so nothing was loaded or overwritten; "
                               "restore one, or start a new run in another run_dir")
 

@@ -29,7 +29,7 @@ def main(argv=None, stage: str = "distill") -> int:
         recipe = load_recipe(args.config, args.override, cls=DistillRecipe)
         # before any process group, model or file exists: the launcher already fixed the world size
         validate_distill_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
-        check_resume(recipe.run.run_dir, args.resume)
+        check_resume(recipe.run.run_dir, args.resume, args.resume_from)
         if stage == "long_context" and not recipe.distill.length_schedule:
             raise ConfigError("distill.length_schedule is empty; the long-context stage needs a length curriculum, "
                               "e.g. [{seq_len: 8192, steps: 200}, {seq_len: 32768, steps: 100}]")
@@ -39,7 +39,7 @@ def main(argv=None, stage: str = "distill") -> int:
         from flashmorph.stages.distill import run_distill  # torch-heavy: only after validation
 
         run_distill(recipe, info, resume=args.resume, show_progress=not args.no_progress, stage=stage,
-                    preemption=guard)
+                    preemption=guard, resume_from=args.resume_from)
 
     return run_stage(prepare, run)
 

@@ -27,13 +27,14 @@ def main(argv=None) -> int:
     def prepare():
         recipe = load_recipe(args.config, args.override)
         validate_recipe(recipe)  # before any process group, model or file exists
-        check_resume(recipe.run.run_dir, args.resume)
+        check_resume(recipe.run.run_dir, args.resume, args.resume_from)
         return recipe
 
     def run(recipe, info, guard):
         from flashmorph.stages.gate_search import run_gate_search  # torch-heavy: only after validation
 
-        run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress, preemption=guard)
+        run_gate_search(recipe, info, resume=args.resume, show_progress=not args.no_progress, preemption=guard,
+                        resume_from=args.resume_from)
 
     return run_stage(prepare, run)
 

@@ -299,4 +299,177 @@ def test_null_optional_keys_take_the_default_as_real_configs_write_them(good_dir
     model_dir = tmp_path / "model"
     shutil.copytree(good_dir, model_dir)
     _edit_config(model_dir, head_dim=None, intermediate_size=None, num_key_value_heads=2)
-    assert validate_model_dir(model_dir)["head_dim"] == 16
+    assert validate_model_dir(model_dir).head_dim == 16
+
+
+# ------------------------------------------------------------------ table-driven recipe, layout and tool cases
+# each: (override, a piece of the one-line error); every recipe section, wrong types and wrong values
+GATE_OVERRIDE_CASES = [
+    ("search.steps=0", "search.steps=0 must be >= 1"),
+    ("search.steps=abc", "search.steps='abc' must be int"),
+    ("search.steps=[1, 2]", "search.steps=[1, 2] must be int"),
+    ("search.lr=-1", "search.lr=-1.0 must be > 0"),
+    ("search.lr=0", "search.lr=0.0 must be > 0"),
+    ("search.micro_batch_size=0", "search.micro_batch_size=0 must be >= 1"),
+    ("search.grad_accum_steps=0", "search.grad_accum_steps=0 must be >= 1"),
+    ("search.budget=-1", "search.budget=-1 must be >= 0"),
+    ("search.budget=99", "search.budget=99 exceeds the 2 layers; give at most 2, or a fraction in [0, 1]"),
+    ("search.regularizer=foo", "search.regularizer='foo' is unknown; use one of"),
+    ("search.save_every=-1", "search.save_every=-1 must be >= 0"),
+    ("search.keep_last=-1", "search.keep_last=-1 must be >= 0"),
+    ("search.log_every=0", "search.log_every=0 must be >= 1"),
+    ("search.max_bad_steps=0", "search.max_bad_steps=0 must be >= 1"),
+    ("search.max_bad_steps=x", "search.max_bad_steps='x' must be int"),
+    ("search.reg_warmup_steps=-3", "search.reg_warmup_steps=-3 must be >= 0"),
+    ("search.weight_decay=-1", "search.weight_decay=-1.0 must be >= 0"),  # a traceback after writing, before
+    ("search.grad_clip=-1", "search.grad_clip=-1.0 must be >= 0"),
+    ("search.reg_weight=-1", "search.reg_weight=-1.0 must be >= 0"),
+    ("search.stepz=3", "unknown field search.stepz; valid fields:"),
+    ("model.dtype=float8", "model.dtype='float8' is unknown; use one of"),
+    ("model.path=/nonexistent", "model.path=/nonexistent does not exist; give a local HF model directory"),
+    ("model.activation_checkpointing=maybe", "model.activation_checkpointing='maybe' must be bool"),
+    ("morph.gate_granularity=neuron", "morph.gate_granularity='neuron' is unknown; use 'layer' or 'head'"),
+    ("morph.softmax_impl=flash9", "morph.softmax_impl='flash9' is unknown; use one of"),
+    ("morph={a: 1}", "unknown field morph.a; valid fields:"),
+    ("data.seq_len=0", "data.seq_len=0 must be >= 1"),
+    ("data.seq_len=-5", "data.seq_len=-5 must be >= 1"),
+    ("data.seq_len=1.5", "data.seq_len=1.5 must be int"),
+    ("data.num_pairs=0", "data.num_pairs=0 must be >= 1"),
+    ("data.haystack=foo", "data.haystack='foo' is unknown; use one of"),
+    ("data.tasks={bogus: 1.0}", "data.tasks has unknown task 'bogus'; use any of"),
+    ("parallel.zero_stage=5", "parallel.zero_stage=5 must be 0, 1, 2 or 3"),
+    ("parallel.sequence_parallel=3", "parallel.sequence_parallel=3 does not divide the model's num_heads=4 "
+                                     "(4 attention heads per TP rank); choose degrees whose product divides 4"),
+    ("parallel.tensor_parallel=3", "parallel.tensor_parallel=3 does not divide the model's num_heads=4 "
+                                   "(attention heads); use a divisor of 4"),
+    ("parallel.deepspeed_config=/missing.json", "parallel.deepspeed_config=/missing.json does not exist"),
+    ("run.seed=abc", "run.seed='abc' must be int"),
+    ("search.steps", "--override 'search.steps' must look like section.field=value"),
+    ("nosection.x=3", "unknown field nosection; valid fields:"),
+    ("search=3", "search must be a mapping of fields, got 3"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), GATE_OVERRIDE_CASES, ids=[c[0] for c in GATE_OVERRIDE_CASES])
+def test_gate_search_refuses_a_bad_recipe_value(override, message, good_dir, tmp_path, capsys):
+    code = _gate_search(capsys, good_dir, tmp_path / "run", override)
+    _refused(capsys, code, message)
+    assert not (tmp_path / "run").exists()
+
+
+DISTILL_OVERRIDE_CASES = [
+    ("distill.temperature=0", "distill.temperature=0.0 must be > 0"),
+    ("distill.weight_decay=-1", "distill.weight_decay=-1.0 must be >= 0"),
+    ("distill.grad_clip=-2", "distill.grad_clip=-2.0 must be >= 0"),
+    ("distill.ce_weight=-1", "distill.ce_weight=-1.0 must be >= 0"),
+    ("distill.lr=0", "distill.lr=0.0 must be > 0"),
+    ("distill.micro_batch_size=0", "distill.micro_batch_size=0 must be >= 1"),
+    ("distill.token_chunk=0", "distill.token_chunk=0 must be >= 1"),
+    ("distill.vocab_chunk=0", "distill.vocab_chunk=0 must be >= 1"),
+    ("distill.trainable=bogus", "distill.trainable='bogus' is unknown; use one of"),
+    ("distill.lora_rank=0", "distill.lora_rank must be >= 1 and distill.lora_targets non-empty"),
+    ("distill.lora_targets=[]", "distill.lora_rank must be >= 1 and distill.lora_targets non-empty"),
+    ("distill.max_bad_steps=0", "distill.max_bad_steps=0 must be >= 1"),
+    ("distill.steps=0", "distill.steps=0 must be >= 1"),
+    ("distill.save_every=-1", "distill.save_every=-1 must be >= 0"),
+    ("distill.keep_last=-2", "distill.keep_last=-2 must be >= 0"),
+    ("distill.warmup_steps=-1", "distill.warmup_steps=-1 must be >= 0"),
+    ("distill.length_schedule=[{seq_len: 0, steps: 1}]", "distill.length_schedule[0]: lengths must increase"),
+    ("student.layout=/missing.json", "student.layout=/missing.json does not exist; write it with"),
+    ("text.weight=-1", "text.weight=-1.0 must lie in [0, 1]"),
+    ("morph.gate_granularity=head", "morph.gate_granularity must be 'layer' for distillation"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), DISTILL_OVERRIDE_CASES, ids=[c[0] for c in DISTILL_OVERRIDE_CASES])
+def test_distill_refuses_a_bad_recipe_value(override, message, good_dir, tmp_path, capsys):
+    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", override))
+    _refused(capsys, code, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_refuses_a_layout_made_for_another_layer_count(good_dir, tmp_path, capsys):
+    layout = tmp_path / "layout3.json"
+    layout.write_text(json.dumps({"layer_types": ["full", "linear", "linear"]}))
+    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", f"student.layout={layout}"))
+    _refused(capsys, code, "has 3 layers but the model has 2; use the layout made for this model")
+    assert not (tmp_path / "run").exists()
+
+
+# (world size the launcher was given, override, message): TP x SP that cannot tile the world or the heads
+PARALLEL_CASES = [
+    (4, "parallel.tensor_parallel=3", "world_size=4 is not divisible by parallel.tensor_parallel=3 x "
+                                      "parallel.sequence_parallel=1 = 3; launch a multiple of 3 ranks"),
+    (4, "parallel.sequence_parallel=3", "world_size=4 is not divisible by parallel.tensor_parallel=1 x "
+                                        "parallel.sequence_parallel=3"),
+    (4, "parallel.tensor_parallel=8", "launch a multiple of 8 ranks or lower the degrees"),
+    (2, "parallel.sequence_parallel=4", "world_size=2 is not divisible by parallel.tensor_parallel=1 x parallel.sequence_parallel=4 = 4; launch a multiple of 4 ranks"),
+    (4, "parallel.layouts={4: {tensor_parallel: 8}}", "launch a multiple of 8 ranks"),
+    (4, "parallel.layouts={4: {tensor_parallel: 2, sequence_parallel: 4}}", "= 8; launch a multiple of 8 ranks"),
+    (6, "parallel.tensor_parallel=2", "distill.trainable=lora with parallel.tensor_parallel=2"),
+    (4, "parallel.tensor_parallel=0", "parallel.tensor_parallel=0 must be an int >= 1"),
+]
+
+
+@pytest.mark.parametrize(("world", "override", "message"), PARALLEL_CASES, ids=[f"{w}:{o}" for w, o, _ in PARALLEL_CASES])
+def test_distill_refuses_an_impossible_parallel_layout(world, override, message, good_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", override))
+    _refused(capsys, code, message)
+    assert not (tmp_path / "run").exists()
+
+
+# (tool, argv with {model}/{tmp} placeholders, message); the tmp dir must be unchanged afterwards
+TOOL_CASES = [
+    ("reshard", "--from hf --to tp --src {tmp}/missing --dst {tmp}/o --tp 2", "is not a directory"),
+    ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o --tp 0", "--tp must be an int >= 1, got 0"),
+    ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o --tp 3", "--tp=3 does not divide the model's num_heads=4 (attention heads); use a divisor of 4"),
+    ("reshard", "--from hf --to tp --src {model} --dst {tmp}/full --tp 2", "exists and is not empty; pass --force"),
+    ("reshard", "--from zero3 --to hf --src {model} --dst {tmp}/o", "is not one DeepSpeed checkpoint"),
+    ("reshard", "--from hf --to zero3 --src {model} --dst {tmp}/o --dp 0", "--dp must be an int >= 1, got 0"),
+    ("reshard", "--from hf --to hf --src {model} --dst {tmp}/o --max-shard-size lots", "is not a size; write e.g."),
+    ("reshard", "--from hf --to tp --src {model} --dst {tmp}/o", "--to tp needs --tp N"),
+    ("estimate", "--gpus 0 --preset llama3-70b", "gpus=0 must be a positive integer"),
+    ("estimate", "--model-dir {tmp}/missing", "holds no config.json; point it at a HF model directory"),
+    ("estimate", "--model-dir {model} --tp 3", "gpus=1 is not divisible by tensor_parallel=3 x sequence_parallel=1 = 3; launch a multiple of 3 ranks"),
+    ("estimate", "--model-dir {model} --sp 3", "gpus=1 is not divisible by tensor_parallel=1 x sequence_parallel=3 = 3; launch a multiple of 3 ranks"),
+    ("estimate", "--model-dir {model} --gpus 4 --tp 8", "gpus=4 is not divisible"),
+    ("estimate", "--model-dir {model} --gpus 3 --tp 2", "gpus=3 is not divisible"),
+    ("estimate", "--model-dir {model} --seq-len 0", "seq_len=0 must be a positive integer"),
+    ("estimate", "--model-dir {model} --micro-batch 0", "micro_batch=0 must be a positive integer"),
+    ("estimate", "--model-dir {model} --grad-accum 0", "grad_accum=0 must be a positive integer"),
+    ("estimate", "--model-dir {model} --full-layers 0,9", "--full-layers '0,9' must be an integer or 'mixed'"),
+    ("estimate", "--recipe {tmp}/missing.yaml", "is not readable (No such file or directory); give a recipe"),
+    ("discretize_gates", "--gates {tmp}/missing.safetensors --budget 1 --out {tmp}/h.json", "does not exist; point"),
+    ("discretize_gates", "--gates {tmp}/garbage.safetensors --budget 1 --out {tmp}/h.json",
+     "corrupted or truncated safetensors file"),
+    ("discretize_gates", "--gates {model}/model.safetensors --budget abc --out {tmp}/h.json",
+     "--budget='abc' must be a count"),
+    ("discretize_gates", "--gates {model}/model.safetensors --budget 1 --out {tmp}/h.json",
+     "holds no 'gate_values' tensor"),
+    ("discretize_gates", "--gates {model}/model.safetensors --budget 1 --out {tmp}/exists.json",
+     "already exists; pass --force"),
+    ("discretize_gates", "--method threshold --gates {model}/model.safetensors --out {tmp}/h.json",
+     "--method threshold needs --threshold"),
+    ("discretize_gates", "--method random --budget 1 --out {tmp}/h.json", "--method random needs the layer count"),
+    ("discretize_gates", "--method leave_one_out --budget 1 --out {tmp}/h.json", "--method leave_one_out needs --recipe"),
+    ("discretize_gates", "--gates {model}/model.safetensors --budget 1 --level head --heads-per-layer 1 --out "
+                         "{tmp}/h.json", "give --budget (heads overall) or --heads-per-layer, not both"),
+]
+
+
+@pytest.mark.parametrize(("tool", "argv", "message"), TOOL_CASES, ids=[f"{t}:{a}" for t, a, _ in TOOL_CASES])
+def test_tools_refuse_bad_arguments_and_write_nothing(tool, argv, message, good_dir, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "garbage.safetensors").write_bytes(b"nonsense")
+    (tmp_path / "exists.json").write_text("{}")
+    before, model_before = _snapshot(tmp_path), _snapshot(good_dir)
+    try:
+        code = load_tool(tool).main(argv.format(model=good_dir, tmp=tmp_path).split())
+    except SystemExit as stop:  # argparse's own refusals (one `error:` line too) exit from inside main
+        code = stop.code
+    _refused(capsys, code, message)
+    assert _snapshot(tmp_path) == before and _snapshot(good_dir) == model_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.json", "full", "garbage.safetensors"]

@@ -45,7 +45,7 @@ def test_every_shipped_recipe_loads():
 def test_every_recipe_layout_fits_its_model():
     """Each GPU count a recipe names gets TP x SP degrees that divide the GPUs and the published model shape."""
     from flashmorph.estimate import PRESETS
-    from flashmorph.parallel.mesh import check_layout_for_model, layout_from_config
+    from flashmorph.parallel.layout import check_layout, layout_from_config
 
     checked = 0
     for path in sorted((ROOT / "recipes").glob("*_*b_*.yaml")):
@@ -56,9 +56,7 @@ def test_every_recipe_layout_fits_its_model():
         for gpus in recipe.parallel.layouts:
             layout = layout_from_config(recipe.parallel, gpus)
             for seq_len in lengths or [recipe.data.seq_len]:
-                check_layout_for_model(layout, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
-                                       hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                                       seq_len=seq_len)
+                check_layout(layout, shape, seq_len)
             checked += 1
     assert checked == 45  # 5 models x 3 stages x {1, 8, 64} GPUs
 
@@ -105,5 +103,5 @@ def test_budget_counts_and_fractions():
     validate_recipe(recipe)
     recipe = load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=4"])
     validate_recipe(recipe)
-    with pytest.raises(ConfigError, match="larger than the model's 4 layers"):
+    with pytest.raises(ConfigError, match="search.budget=5 exceeds the 4 layers"):
         validate_recipe(load_recipe(ROOT / "recipes" / "embedded.yaml", ["search.budget=5"]))

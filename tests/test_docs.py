@@ -176,7 +176,8 @@ def workspace(tmp_path_factory):
 
 
 def run_block(block: Block, workspace: Path, timeout: float = 900) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
+    # one intra-op thread: tiny models gain nothing from more, and on a shared box two spin (docs/status.md)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                PYTHONPATH=os.pathsep.join(p for p in [str(workspace), os.environ.get("PYTHONPATH", "")] if p))
     if "runs/embedded" in block.text and not (workspace / "runs" / "embedded" / "gates.safetensors").exists():

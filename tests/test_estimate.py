@@ -193,12 +193,14 @@ def test_estimator_does_not_import_torch():
 
 
 @pytest.mark.parametrize("setup, message", [
-    (EstimateSetup(gpus=3, tensor_parallel=3), "tensor_parallel=3 does not divide the 4 attention heads"),
+    (EstimateSetup(gpus=3, tensor_parallel=3), "tensor_parallel=3 does not divide the model's num_heads=4"),
     (EstimateSetup(gpus=6, tensor_parallel=2, sequence_parallel=2), "gpus=6 is not divisible by"),
-    (EstimateSetup(gpus=4, tensor_parallel=4), "tensor_parallel=4 does not divide the 2 key/value heads"),
-    (EstimateSetup(gpus=8, tensor_parallel=2, sequence_parallel=4), "sequence_parallel=4 does not divide the 2"),
-    (EstimateSetup(seq_len=100, gpus=8, sequence_parallel=8), "does not divide the 4 attention heads per TP rank"),
-    (EstimateSetup(gpus=2, sequence_parallel=2, seq_len=101), "seq_len=101 is not divisible by sequence_parallel=2"),
+    (EstimateSetup(gpus=4, tensor_parallel=4), "tensor_parallel=4 exceeds the model's num_kv_heads=2"),
+    (EstimateSetup(gpus=8, tensor_parallel=2, sequence_parallel=4),
+     "tensor_parallel=2 x sequence_parallel=4 does not divide the model's num_heads=4 (2 attention heads per TP"),
+    (EstimateSetup(seq_len=100, gpus=8, sequence_parallel=8), "num_heads=4 (4 attention heads per TP rank)"),
+    (EstimateSetup(gpus=2, sequence_parallel=2, seq_len=101),
+     "sequence_parallel=2 does not divide the sequence length 101"),
     (EstimateSetup(trainable="adapters"), "trainable='adapters' is unknown"),
     (EstimateSetup(trainable="linear", full_layers="mixed"), "give full_layers as a count"),
     (EstimateSetup(trainable="lora", full_layers=3), "full_layers=3 must be 'mixed' or an integer in 0..2"),
@@ -217,7 +219,7 @@ def test_cli_bad_layout_is_one_error_line(capsys):
     assert code == 2 and out.out == ""
     assert out.err.startswith("error: gpus=12 is not divisible by") and out.err.count("\n") == 1
     code, out = run_cli(["--preset", "llama3-8b", "--tp", "3", "--gpus", "3"], capsys)
-    assert code == 2 and "tensor_parallel=3 does not divide the 32 attention heads" in out.err
+    assert code == 2 and "tensor_parallel=3 does not divide the model's num_heads=32" in out.err
     code, out = run_cli(["--gpus", "8"], capsys)
     assert code == 2 and "pass --preset NAME or --model-dir DIR" in out.err
 

@@ -182,14 +182,14 @@ def _num_layers(args, plan) -> int:
     from flashmorph.config import load_recipe, model_shape
 
     if args.method in SCORED_BASELINES:
-        return model_shape(plan["recipe"])["num_layers"]
+        return model_shape(plan["recipe"]).num_layers
     if args.gates is not None:
         from flashmorph.selection import load_gate_file
 
         return load_gate_file(args.gates).num_layers
     if args.model is not None:
-        return model_shape(load_recipe(overrides=[f"model.path={args.model}"]))["num_layers"]
-    return model_shape(plan["recipe"])["num_layers"]
+        return model_shape(load_recipe(overrides=[f"model.path={args.model}"])).num_layers
+    return model_shape(plan["recipe"]).num_layers
 
 
 def _from_gates(args, plan):

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         from flashmorph.model.layout import read_layout
 
         shape = validate_model_dir(args.model, f"--model {args.model}")
-        read_layout(args.layout, shape["num_layers"])
+        read_layout(args.layout, shape.num_layers)
         # imported here so that --help and argument errors answer without loading torch
         from flashmorph.export import export_hybrid
 

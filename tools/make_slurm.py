@@ -27,6 +27,8 @@ STAGES = ("gate_search", "distill", "long_context")
 DEFAULT_MASTER_PORT = "$((20000 + SLURM_JOB_ID % 20000))"
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # file name -> generator arguments; `--write-examples` writes them, a test checks they are up to date
 EXAMPLES = {
@@ -74,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shell_word(value: str) -> str:
+    """`value` as one bash word that expands to exactly `value`: shlex.quote, or ANSI-C $'...' quoting when it holds
+    a newline or another control character, so no value ever spans lines (a comment or directive it lands in stays
+    one line)."""
+    if not _CONTROL.search(value):
+        return shlex.quote(value)
+    escaped = "".join({"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch)
+                      or (f"\\x{ord(ch):02x}" if _CONTROL.match(ch) else ch) for ch in value)
+    return f"$'{escaped}'"
+
+
 def parse_time(text: str) -> int:
     """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds."""
     match = _TIME.match(text)
@@ -117,7 +130,7 @@ def _load_recipe(stage: str, config: str, overrides: list[str]):
 
 
 def _layout(recipe, world_size: int, gpus_per_node: int) -> str:
-    from flashmorph.parallel.mesh import layout_from_config
+    from flashmorph.parallel.layout import layout_from_config
 
     layout = layout_from_config(recipe.parallel, world_size)  # ConfigError when TP x SP does not divide the world
     if gpus_per_node % layout.tensor:
@@ -142,8 +155,22 @@ def _check(args) -> None:
         if item.split("=", 1)[0].strip() == "run.run_dir":
             raise ConfigError("set the run directory with --run-dir, not --override run.run_dir=...")
     for item in args.env:
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", item):
+        if "=" not in item:
             raise ConfigError(f"--env {item!r} must look like KEY=VALUE")
+        key = item.split("=", 1)[0]
+        if not _SHELL_NAME.match(key):
+            raise ConfigError(f"--env {item!r}: {key!r} is not a shell variable name; use letters, digits and '_', "
+                              "not starting with a digit")
+    # #SBATCH directives cannot be quoted: a newline would start a line of shell, a space would cut the value
+    for flag in ("partition", "account", "qos", "log_dir"):
+        value = getattr(args, flag)
+        if value is not None and (not value or re.search(r"[\s\x00-\x1f\x7f]", value)):
+            raise ConfigError(f"--{flag.replace('_', '-')} {value!r} goes into an #SBATCH line, which cannot be "
+                              "quoted; give it without spaces or control characters")
+    for option in args.sbatch:
+        if _CONTROL.search(option):
+            raise ConfigError(f"--sbatch {option!r} holds a control character (a newline?); give one option per "
+                              "--sbatch")
     if args.master_port is not None and not 1024 <= args.master_port <= 65535:
         raise ConfigError(f"--master-port {args.master_port} must lie in 1024..65535")
 
@@ -165,7 +192,7 @@ def _generator_command(args) -> str:
                 words.append(value)
     if args.output:
         words += ["-o", args.output]
-    return shlex.join(words)
+    return " ".join(shell_word(word) for word in words)
 
 
 def resolve(argv: list[str]) -> argparse.Namespace:
@@ -200,18 +227,18 @@ def render(argv: list[str]) -> str:
     stage_args = [("--config", args.config), ("--override", f"run.run_dir={args.run_dir}")]
     stage_args += [("--override", item) for item in args.override]
     stage_args.append(("--no-progress",))  # a progress bar in a log file is one line per refresh
-    setup = [f"source {shlex.quote(str(Path(args.venv) / 'bin' / 'activate'))}"] if args.venv else []
+    setup = [f"source {shell_word(str(Path(args.venv) / 'bin' / 'activate'))}"] if args.venv else []
     setup += args.setup
-    env = [f"export {item.split('=', 1)[0]}={shlex.quote(item.split('=', 1)[1])}" for item in args.env]
+    env = [f"export {item.split('=', 1)[0]}={shell_word(item.split('=', 1)[1])}" for item in args.env]
 
     values = {
         "JOB_NAME": args.job_name, "STAGE": args.stage, "NODES": str(args.nodes),
         "GPUS_PER_NODE": str(args.gpus_per_node), "WORLD_SIZE": str(world_size), "LAYOUT": layout,
         "GENERATOR_COMMAND": _generator_command(args), "LOG_DIR": args.log_dir,
-        "SCRIPT_NAME": args.output or f"{args.job_name}.sbatch", "SIGNAL_LEAD": str(args.signal_lead),
+        "LOG_DIR_WORD": shell_word(args.log_dir), "SCRIPT_NAME": shell_word(args.output or f"{args.job_name}.sbatch"), "SIGNAL_LEAD": str(args.signal_lead),
         "CPUS_PER_TASK": str(cpus), "TIME": args.time, "EXTRA_SBATCH": "".join(line + "\n" for line in extra),
-        "STAGE_ARGS": "\n".join("    " + " ".join(shlex.quote(word) for word in pair) for pair in stage_args),
-        "WORKDIR": shlex.quote(args.workdir) if args.workdir else '"$SLURM_SUBMIT_DIR"',
+        "STAGE_ARGS": "\n".join("    " + " ".join(shell_word(word) for word in pair) for pair in stage_args),
+        "WORKDIR": shell_word(args.workdir) if args.workdir else '"$SLURM_SUBMIT_DIR"',
         "SETUP": "\n".join(setup), "ENV": "\n".join(env),
         "MASTER_PORT": str(args.master_port) if args.master_port else DEFAULT_MASTER_PORT,
         "OMP_THREADS": str(max(1, cpus // args.gpus_per_node)),

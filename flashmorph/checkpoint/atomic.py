@@ -193,7 +193,7 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt_dir} does not exist or is not a directory")
     manifest_path = ckpt_dir / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise CheckpointError(f"incomplete checkpoint {ckpt_dir} (no {MANIFEST_NAME}); {fix}")
+        raise CheckpointError(f"incomplete checkpoint {ckpt_dir} (no {MANIFEST_NAME}); {fix}", file=MANIFEST_NAME)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         fmt = manifest["format"]
@@ -225,12 +225,12 @@ def verify(ckpt_dir: str | os.PathLike, deep: bool = True, allow_extra: Iterable
     for entry in entries:
         path = ckpt_dir / entry["path"]
         if not path.is_file():
-            raise CheckpointError(f"incomplete checkpoint {ckpt_dir}: {entry['path']} is missing; {fix}")
+            raise CheckpointError(f"incomplete checkpoint {ckpt_dir}: {entry['path']} is missing; {fix}", file=entry["path"])
         size = path.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(
                 f"corrupted checkpoint {ckpt_dir}: {entry['path']} is {size} bytes, "
-                f"manifest says {entry['size']} (truncated?); {fix}"
+                f"manifest says {entry['size']} (truncated?); {fix}", file=entry["path"]
             )
     listed = {entry["path"] for entry in entries} | {MANIFEST_NAME}
     patterns = list(allow_extra)
@@ -238,7 +238,7 @@ def verify(ckpt_dir: str | os.PathLike, deep: bool = True, allow_extra: Iterable
         if rel not in listed and not any(fnmatch.fnmatchcase(rel, pat) for pat in patterns):
             raise CheckpointError(
                 f"checkpoint {ckpt_dir} holds {rel}, which {MANIFEST_NAME} does not list; "
-                "remove it or pass it in allow_extra"
+                "remove it or pass it in allow_extra", file=rel
             )
     if deep:
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
@@ -246,8 +246,8 @@ def verify(ckpt_dir: str | os.PathLike, deep: bool = True, allow_extra: Iterable
         for entry, digest in zip(entries, digests):
             if digest != entry["sha256"]:
                 raise CheckpointError(
-                    f"corrupted checkpoint {ckpt_dir}: sha256 of {entry['path']} does not match {MANIFEST_NAME}; {fix}"
-                )
+                    f"corrupted checkpoint {ckpt_dir}: sha256 of {entry['path']} does not match {MANIFEST_NAME}; {fix}",
+                    file=entry["path"])
     return manifest
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from flashmorph.data.from_model import has_tokenizer
 from flashmorph.errors import ConfigError, FlashMorphError
-from flashmorph.model.hf_dir import check_eval_model_dir, read_model_config  # noqa: F401 (re-exported)
+from flashmorph.model.hf_dir import check_eval_model_dir
+from flashmorph.model.shape import read_model_config  # noqa: F401 (re-exported)
 from flashmorph.model.hybrid import SECTION_KEY
 from flashmorph.model.load import TORCH_DTYPES
 

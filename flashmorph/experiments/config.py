@@ -1,17 +1,16 @@
 """The selection experiment's recipe: dataclass sections loaded from YAML with --override, validated before any work."""
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashmorph.config import SearchConfig, TeacherConfig, load_recipe, validate_teacher
+from flashmorph.config import SearchConfig, TeacherConfig, load_recipe, resolve_budget, validate_teacher
 from flashmorph.data.config import DataConfig
 from flashmorph.distill_config import DistillConfig, _validate_distill
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
-from flashmorph.model.hf_dir import read_model_config
+from flashmorph.model.shape import ModelShape
 from flashmorph.selection.baselines import KL_POSITIONS, PERIODIC_VARIANTS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -80,36 +79,27 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
     return load_recipe(path, list(overrides), cls=ExperimentConfig)
 
 
-def budget_layers(budget: int | float, num_layers: int) -> int:
-    """A budget as a count of full-attention layers: a float is a fraction of the layers rounded half up (1/8 of 12
-    = 1.5 -> 2; Python's round() would give 2 for 1.5 but 2 for 2.5 too), at least 1; an int is the count."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"selection.budgets entry {budget!r} must be a fraction (float) or a layer count (int)")
-    if isinstance(budget, float):
-        if not (math.isfinite(budget) and 0.0 < budget < 1.0):
-            raise ConfigError(f"selection.budgets entry {budget} as a fraction must lie in (0, 1)")
-        return max(1, math.floor(budget * num_layers + 0.5))
-    if not 1 <= budget < num_layers:
-        raise ConfigError(f"selection.budgets entry {budget} must keep 1..{num_layers - 1} of the {num_layers} layers")
-    return budget
+def budget_layers(budget: int | float, num_layers: int, field: str = "selection.budgets entry") -> int:
+    """A budget as a count of full-attention layers of a hybrid: a float is a fraction of the layers rounded half up
+    (1/8 of 12 = 1.5 -> 2; Python's round() would give 2 for 1.5 but 2 for 2.5 too), at least 1; an int is the
+    count (config.resolve_budget, hybrid=True)."""
+    return resolve_budget(budget, num_layers, field, hybrid=True)
 
 
 def layer_budgets(cfg: ExperimentConfig, num_layers: int) -> list[int]:
     """The distinct layer counts of selection.budgets, ascending (1/8 and 1/4 of 4 layers are both 1)."""
-    return sorted({budget_layers(b, num_layers) for b in cfg.selection.budgets})
+    budgets = cfg.selection.budgets
+    return sorted({budget_layers(b, num_layers, f"selection.budgets[{i}]") for i, b in enumerate(budgets)})
 
 
-def teacher_shape(cfg: ExperimentConfig) -> dict[str, int]:
-    """Layers, heads and vocabulary of the teacher, from its config.json or the teacher section; builds nothing."""
+def teacher_shape(cfg: ExperimentConfig) -> ModelShape:
+    """The teacher's shape, from its config.json or the teacher section; builds nothing."""
     if cfg.teacher_dir is None:
-        t = cfg.teacher
-        return {"num_layers": t.num_layers, "num_heads": t.num_heads, "vocab_size": t.vocab_size}
-    raw = read_model_config(cfg.teacher_dir, f"teacher_dir={cfg.teacher_dir}")
-    return {"num_layers": raw["num_hidden_layers"], "num_heads": raw["num_attention_heads"],
-            "vocab_size": raw["vocab_size"]}
+        return ModelShape.from_teacher(cfg.teacher)
+    return ModelShape.from_model_dir(cfg.teacher_dir, f"teacher_dir={cfg.teacher_dir}")
 
 
-def validate_experiment(cfg: ExperimentConfig) -> dict[str, int]:
+def validate_experiment(cfg: ExperimentConfig) -> ModelShape:
     """One-line ConfigError on the first problem, before any model is built; returns the teacher shape."""
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device!r} is unknown; use one of {DEVICES}")
@@ -122,9 +112,9 @@ def validate_experiment(cfg: ExperimentConfig) -> dict[str, int]:
     if cfg.teacher_dir is None:
         validate_teacher(cfg.teacher)
     shape = teacher_shape(cfg)
-    layers = shape["num_layers"]
+    layers = shape.num_layers
     cfg.morph.validate()
-    cfg.data.validate(vocab_size=shape["vocab_size"])
+    cfg.data.validate(vocab_size=shape.vocab_size)
     sel, ev, cost, abl, search = cfg.selection, cfg.evaluation, cfg.cost, cfg.ablations, cfg.search
     if not sel.budgets:
         raise ConfigError("selection.budgets is empty; give fractions such as [0.125, 0.25, 0.5]")

@@ -12,6 +12,7 @@ from flashmorph.experiments.config import ExperimentConfig, layer_budgets
 from flashmorph.experiments.metrics import competition_rank, distribution_summary, spearman
 from flashmorph.experiments.runner import PARTS
 from flashmorph.io.atomic import atomic_write_text
+from flashmorph.model.shape import ModelShape
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -75,10 +76,10 @@ def distill_ranking(rows_by_budget: dict) -> dict:
     return out
 
 
-def build_results(cfg: ExperimentConfig, shape: dict) -> dict:
+def build_results(cfg: ExperimentConfig, shape: ModelShape) -> dict:
     cache = PartCache(cfg.out_dir)
     parts = {p: cache.load(p) for p in PARTS}
-    budgets = layer_budgets(cfg, shape["num_layers"])
+    budgets = layer_budgets(cfg, shape.num_layers)
     rows = method_rows(parts, budgets)
     exhaustive = (parts.get("exhaustive") or {}).get("budgets", {})
     devices = sorted({p["_device"] for p in parts.values() if p and p.get("_device")})
@@ -89,7 +90,7 @@ def build_results(cfg: ExperimentConfig, shape: dict) -> dict:
                  "part_dates": {p: d.get("_date") for p, d in parts.items() if d},
                  "complete": [p for p in PARTS if parts[p]], "missing": [p for p in PARTS if not parts[p]]},
         "config": cfg.to_dict(),
-        "shape": shape,
+        "shape": {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "vocab_size": shape.vocab_size},
         "budgets": budgets,
         "methods": rows,
         "random_spread": {k: {"before": random_spread(r, "before"), "after": random_spread(r, "after")}
@@ -211,7 +212,7 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(cfg: ExperimentConfig, shape: dict) -> tuple[Path, Path]:
+def write_results(cfg: ExperimentConfig, shape: ModelShape) -> tuple[Path, Path]:
     results = build_results(cfg, shape)
     out = Path(cfg.out_dir)
     return (atomic_write_text(out / RESULTS, json.dumps(results, indent=1)),

@@ -15,6 +15,7 @@ from flashmorph.experiments.cache import Deadline, PartCache
 from flashmorph.experiments.config import ExperimentConfig, layer_budgets
 from flashmorph.experiments.timing import timed
 from flashmorph.io.atomic import atomic_write_text
+from flashmorph.model.shape import ModelShape
 from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,13 @@ def resolve_teacher(cfg: ExperimentConfig, run_teacher: bool, show_progress: boo
 
 
 class Runner:
-    def __init__(self, cfg: ExperimentConfig, shape: dict, parts: list[str], max_minutes: float | None,
+    def __init__(self, cfg: ExperimentConfig, shape: ModelShape, parts: list[str], max_minutes: float | None,
                  show_progress: bool = False):
         self.cfg, self.shape, self.parts = cfg, shape, parts
         self.cache = PartCache(cfg.out_dir)
         self.deadline = Deadline(max_minutes)
         self.show_progress = show_progress
-        self.budgets = layer_budgets(cfg, shape["num_layers"])
+        self.budgets = layer_budgets(cfg, shape.num_layers)
 
     def needed(self, part: str) -> dict:
         data = self.cache.load(part)
@@ -83,7 +84,7 @@ class Runner:
         teacher_dir, teacher_report = resolve_teacher(self.cfg, "teacher" in self.parts, self.show_progress)
         if not self.cache.has("teacher"):
             self.cache.save("teacher", {"dir": str(teacher_dir), "report": teacher_report, **_stamp(None)})
-        bench = Bench(self.cfg, teacher_dir, self.shape["num_layers"], self.shape["vocab_size"])
+        bench = Bench(self.cfg, teacher_dir, self.shape.num_layers, self.shape.vocab_size)
         bench.recall_memo.update((self.cache.load(MEMO) or {}).get("recall", {}))
         try:
             for part in self.parts:
@@ -117,7 +118,7 @@ class Runner:
         from flashmorph.experiments.methods import distinct_layouts
 
         layouts = distinct_layouts(self.needed("baselines")["layouts"])
-        out = {"teacher": bench.evaluate(range(self.shape["num_layers"])), "layouts": {}}
+        out = {"teacher": bench.evaluate(range(self.shape.num_layers)), "layouts": {}}
         for key, layers in sorted(layouts.items()):
             self.deadline.check(f"evaluating layout {key}")
             out["layouts"][key] = bench.evaluate(layers)

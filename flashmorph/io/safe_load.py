@@ -59,7 +59,8 @@ def refused_pickle_error(err: BaseException, where) -> CheckpointError:
 
 def _refusal(where, what: str) -> CheckpointError:
     return CheckpointError(f"{where} holds a pickle that asks for {what}, which is not plain tensor data; it was not "
-                           "loaded, since that could run code: resume only from checkpoints you wrote, or delete it")
+                           "loaded, since that could run code: resume only from checkpoints you wrote, or delete it",
+                           file=str(where))
 
 
 def check_pickle_file(path: str | os.PathLike) -> None:
@@ -73,7 +74,7 @@ def check_pickle_file(path: str | os.PathLike) -> None:
         except Exception as err:  # not a torch zip, truncated, ...: torch raises several types
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"corrupted or truncated DeepSpeed file {path} ({reason}); re-create the checkpoint "
-                                  "or restore the file") from None
+                                  "or restore the file", file=str(path)) from None
     if unsafe:
         raise _refusal(path, unsafe[0])
 

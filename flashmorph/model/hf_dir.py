@@ -10,9 +10,8 @@ import re
 from pathlib import Path
 
 from flashmorph.errors import ConfigError
-from flashmorph.model.families import SUPPORTED_MODEL_TYPES, check_family
-
-CONFIG_NAME = "config.json"
+from flashmorph.model.families import SUPPORTED_MODEL_TYPES
+from flashmorph.model.shape import ModelShape, read_model_config
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -21,54 +20,6 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 _REFETCH = "re-download the model or re-save it with save_pretrained"
-
-
-def read_model_config(model_dir: str | Path, name: str | None = None) -> dict:
-    """The raw config.json of `model_dir` as a dict; `name` is how errors call the directory ("--model X")."""
-    path = Path(model_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"{name or model_dir} holds no config.json; point it at a HF model directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not readable JSON ({type(err).__name__}); fix or replace it") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings; fix or "
-                          "replace it")
-    return config
-
-
-# ----------------------------------------------------------------------------------------------------------- config
-
-
-def _int_field(config: dict, key: str, where: str, default=None) -> int:
-    value = config.get(key)
-    if value is None:  # absent or null (e.g. Mistral's "head_dim": null): the family's default, where it has one
-        value = default
-    if value is None:
-        raise ConfigError(f"{where}: config.json has no {key}; add it (the value of the model the weights belong to)")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: config.json {key}={value!r} must be a positive integer (write it unquoted)")
-    return value
-
-
-def shape_from_config(config: dict, where: str) -> dict[str, int]:
-    """Layer, head and width counts of a morphable model's config.json; ConfigError names the key and the fix."""
-    check_family(config, where)
-    layers = _int_field(config, "num_hidden_layers", where)
-    heads = _int_field(config, "num_attention_heads", where)
-    hidden = _int_field(config, "hidden_size", where)
-    kv_heads = _int_field(config, "num_key_value_heads", where, default=heads)
-    if heads % kv_heads:
-        raise ConfigError(f"{where}: config.json num_attention_heads={heads} is not a multiple of "
-                          f"num_key_value_heads={kv_heads}; fix one of them")
-    if config.get("head_dim") is None and hidden % heads:
-        raise ConfigError(f"{where}: config.json hidden_size={hidden} is not divisible by num_attention_heads={heads} "
-                          "and there is no head_dim; add head_dim")
-    head_dim = _int_field(config, "head_dim", where, default=hidden // heads)
-    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads,
-            "vocab_size": _int_field(config, "vocab_size", where), "hidden_size": hidden, "head_dim": head_dim,
-            "intermediate_size": _int_field(config, "intermediate_size", where, default=4 * hidden)}
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
@@ -127,14 +78,14 @@ def read_safetensors_header(path: Path, where: str) -> dict[str, tuple[list[int]
     return tensors
 
 
-def _check_shapes(tensors: dict, shape: dict, where: str) -> None:
+def _check_shapes(tensors: dict, shape: ModelShape, where: str) -> None:
     """The weights' embedding, layer count and q/k projection rows against config.json: a config copied from another
     model fails here, before from_pretrained would stop on a size mismatch (or load something wrong)."""
-    hidden, d = shape["hidden_size"], shape["head_dim"]
+    hidden, d = shape.hidden_size, shape.head_dim
     expected = {
-        "embed_tokens.weight": ([shape["vocab_size"], hidden], "vocab_size x hidden_size"),
-        "layers.0.self_attn.q_proj.weight": ([shape["num_heads"] * d, hidden], "num_attention_heads * head_dim x hidden_size"),
-        "layers.0.self_attn.k_proj.weight": ([shape["num_kv_heads"] * d, hidden],
+        "embed_tokens.weight": ([shape.vocab_size, hidden], "vocab_size x hidden_size"),
+        "layers.0.self_attn.q_proj.weight": ([shape.num_heads * d, hidden], "num_attention_heads * head_dim x hidden_size"),
+        "layers.0.self_attn.k_proj.weight": ([shape.num_kv_heads * d, hidden],
                                              "num_key_value_heads * head_dim x hidden_size"),
     }
     for name, (tensor_shape, _dtype) in tensors.items():
@@ -143,12 +94,12 @@ def _check_shapes(tensors: dict, shape: dict, where: str) -> None:
                 raise ConfigError(f"{where}: {name} has shape {tensor_shape} but config.json says {want} ({what}); "
                                   "the config does not belong to these weights")
     layer_ids = {int(m.group(1)) for name in tensors if (m := _LAYER.match(name))}
-    if layer_ids and max(layer_ids) + 1 != shape["num_layers"]:
+    if layer_ids and max(layer_ids) + 1 != shape.num_layers:
         raise ConfigError(f"{where}: the weights hold {max(layer_ids) + 1} layers but config.json says "
-                          f"num_hidden_layers={shape['num_layers']}; the config does not belong to these weights")
+                          f"num_hidden_layers={shape.num_layers}; the config does not belong to these weights")
 
 
-def check_weights(model_dir: str | Path, where: str, shape: dict | None = None) -> None:
+def check_weights(model_dir: str | Path, where: str, shape: ModelShape | None = None) -> None:
     """Every safetensors file present with an intact header and length; with `shape`, the tensor shapes fit it."""
     tensors = {}
     for path in weight_files(Path(model_dir), where):
@@ -185,7 +136,7 @@ def check_tokenizer(model_dir: str | Path, vocab_size: int, where: str) -> None:
 # ------------------------------------------------------------------------------------------------------ all of them
 
 
-def validate_model_dir(model_dir: str | Path, where: str | None = None, morphable: bool = True) -> dict | None:
+def validate_model_dir(model_dir: str | Path, where: str | None = None, morphable: bool = True) -> ModelShape | None:
     """Every check that needs no weights, in one pass; returns the model shape (None when not `morphable`).
 
     morphable: the directory must hold a supported family (families.py) whose config has every key flashmorph
@@ -195,9 +146,9 @@ def validate_model_dir(model_dir: str | Path, where: str | None = None, morphabl
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{where} does not exist or is not a directory; give a local HF model directory")
     config = read_model_config(model_dir, where)
-    shape = shape_from_config(config, where) if morphable else None
+    shape = ModelShape.from_hf_config(config, where) if morphable else None
     check_weights(model_dir, where, shape)
-    vocab_size = shape["vocab_size"] if shape else config.get("vocab_size")
+    vocab_size = shape.vocab_size if shape else config.get("vocab_size")
     if isinstance(vocab_size, int) and not isinstance(vocab_size, bool):
         check_tokenizer(model_dir, vocab_size, where)
     return shape

@@ -24,6 +24,7 @@ from flashmorph.model.gates import MorphGates
 from flashmorph.model.hybrid_cache import RecurrentStateLayer, recurrent_layer
 from flashmorph.model.ops.liger import liger_linear_attention, liger_linear_attention_with_state
 from flashmorph.model.rope import undo_rope
+from flashmorph.model.shape import ModelShape
 
 # Never put "flash" in this name: transformers would treat it as a flash-attention request.
 ATTN_KEY = "morph"
@@ -187,8 +188,9 @@ class MorphableLM(nn.Module):
         config.validate()
         self.lm = lm
         self.morph_config = config
-        num_layers = lm.config.num_hidden_layers
-        num_heads = lm.config.num_attention_heads if config.gate_granularity == "head" else None
+        shape = ModelShape.from_config(lm.config)
+        num_layers = shape.num_layers
+        num_heads = shape.num_heads if config.gate_granularity == "head" else None
         self.gates = MorphGates(num_layers, num_heads, config.gate_init)
         apply_layer_modes(lm, config, ["mixed"] * num_layers)
         lm.requires_grad_(False)

@@ -4,6 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from flashmorph.model.families import SUPPORTED_MODEL_TYPES as FAMILIES
+from flashmorph.model.shape import ModelShape
 
 
 def tiny_config(
@@ -19,17 +20,13 @@ def tiny_config(
     """A transformers config of `family` at toy scale; head_dim = hidden_size // num_heads."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
+    shape = ModelShape(f"tiny {family}", num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+                       num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+                       intermediate_size=intermediate_size or 4 * hidden_size, vocab_size=vocab_size)
     config = AutoConfig.for_model(
         family,
-        num_hidden_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        vocab_size=vocab_size,
+        **shape.hf_config_kwargs(),
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

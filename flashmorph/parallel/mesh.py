@@ -1,5 +1,5 @@
-"""The one place that composes tensor × sequence × data parallelism: the layout, its checks against a model, the
-process groups (megatron-core's parallel_state) and the `mpu` object DeepSpeed partitions and reduces over."""
+"""The process groups of a ParallelLayout (layout.py holds the layout and its checks against a model): megatron-core's
+parallel_state groups and the `mpu` object DeepSpeed partitions and reduces over."""
 
 from __future__ import annotations
 
@@ -7,95 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.parallel.layout import ParallelLayout
 
 if TYPE_CHECKING:  # torch.distributed is imported where groups are made, so recipe checks stay torch-free (fast)
     import torch.distributed as dist
-
-_TP, _SP = "parallel.tensor_parallel", "parallel.sequence_parallel"
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Degrees of one run; tensor × sequence × data = world size. Rank order: TP innermost, then SP, then DP."""
-
-    tensor: int  # megatron-core TP degree: ranks that split every projection matrix
-    sequence: int  # Ulysses SP degree: ranks that split the sequence (and, inside attention, the heads)
-    data: int  # data-parallel degree: ranks that see different samples (ZeRO shards over SP × DP)
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor * self.sequence * self.data
-
-    def rank_of(self, tp_rank: int, sp_rank: int, dp_rank: int) -> int:
-        # megatron-core's default order "tp-cp-ep-dp-pp": TP varies fastest, so TP peers share a node's NVLink
-        return tp_rank + self.tensor * (sp_rank + self.sequence * dp_rank)
-
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """(tp_rank, sp_rank, dp_rank) of a global rank."""
-        return rank % self.tensor, rank // self.tensor % self.sequence, rank // (self.tensor * self.sequence)
-
-    def group_ranks(self, rank: int) -> dict[str, list[int]]:
-        """The global ranks of `rank`'s TP, SP, DP and SP×DP groups, computed without any process group."""
-        tp, sp, dp = self.coords(rank)
-        return {
-            "tp": [self.rank_of(t, sp, dp) for t in range(self.tensor)],
-            "sp": [self.rank_of(tp, s, dp) for s in range(self.sequence)],
-            "dp": [self.rank_of(tp, sp, d) for d in range(self.data)],
-            "sdp": sorted(self.rank_of(tp, s, d) for s in range(self.sequence) for d in range(self.data)),
-        }
-
-
-def _check_degree(field: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{field}={value!r} must be an int >= 1")
-    return value
-
-
-def resolve_layout(tensor: int, sequence: int, world_size: int) -> ParallelLayout:
-    """The layout for `world_size` ranks; the data-parallel degree is what TP × SP leave over."""
-    tensor, sequence = _check_degree(_TP, tensor), _check_degree(_SP, sequence)
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise FlashMorphError(f"world size {world_size!r} must be an int >= 1")
-    model_ranks = tensor * sequence
-    if world_size % model_ranks:
-        raise ConfigError(f"world size {world_size} is not divisible by {_TP}={tensor} x {_SP}={sequence} = "
-                          f"{model_ranks}; launch a multiple of {model_ranks} ranks or lower the degrees")
-    return ParallelLayout(tensor=tensor, sequence=sequence, data=world_size // model_ranks)
-
-
-def layout_from_config(parallel, world_size: int) -> ParallelLayout:
-    """resolve_layout for a recipe's ParallelConfig: `parallel.layouts[world_size]`, where given, wins."""
-    chosen = (getattr(parallel, "layouts", None) or {}).get(world_size, parallel)
-    return resolve_layout(chosen.tensor_parallel, chosen.sequence_parallel, world_size)
-
-
-def check_layout_for_model(layout: ParallelLayout, num_heads: int, num_kv_heads: int, hidden_size: int,
-                           intermediate_size: int, seq_len: int | None = None) -> None:
-    """A one-line ConfigError, before anything is allocated, where the model's shapes do not split by `layout`."""
-    tp, sp = layout.tensor, layout.sequence
-    if num_heads % (tp * sp):
-        raise ConfigError(f"{_TP}={tp} x {_SP}={sp} does not divide the model's {num_heads} attention heads; "
-                          "choose degrees whose product divides the head count")
-    if tp > num_kv_heads:
-        raise ConfigError(f"{_TP}={tp} exceeds the model's {num_kv_heads} kv heads (replicating kv heads over TP "
-                          f"ranks is not supported); use {_TP} <= {num_kv_heads} and add {_SP} or data ranks instead")
-    if num_kv_heads % tp:
-        raise ConfigError(f"{_TP}={tp} does not divide the model's {num_kv_heads} kv heads; pick a divisor of it")
-    for name, size in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
-        if size % tp:
-            raise ConfigError(f"{_TP}={tp} does not divide the model's {name}={size}; pick a divisor of it")
-    if seq_len is not None and seq_len % sp:
-        raise ConfigError(f"{_SP}={sp} does not divide the sequence length {seq_len}; make data.seq_len a multiple "
-                          f"of {sp}")
-
-
-def check_model_config(layout: ParallelLayout, config, seq_len: int | None = None) -> None:
-    """check_layout_for_model with the sizes read from a HF config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    check_layout_for_model(layout, heads, getattr(cfg, "num_key_value_heads", None) or heads, cfg.hidden_size,
-                           cfg.intermediate_size, seq_len)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Process groups

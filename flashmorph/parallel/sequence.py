@@ -17,6 +17,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from flashmorph.errors import ConfigError, FlashMorphError
 from flashmorph.model.morph import ATTN_KEY, attention_modules, morph_attention
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import ParallelLayout, check_layout, check_seq_len
 
 # Never put "flash" in this name: transformers would treat it as a flash-attention request.
 SP_ATTN_KEY = "morph_sp"
@@ -84,32 +86,24 @@ def _hf_model(lm: nn.Module) -> nn.Module:
     return lm.lm if hasattr(lm, "gates") and hasattr(lm, "lm") else lm
 
 
-def _local_heads(lm: nn.Module) -> tuple[int, int]:
-    """(query heads, kv heads) this rank's attention modules hold: all of them, or apply_tensor_parallel's slice."""
-    cfg = lm.config.get_text_config()
+def _tensor_parallel_size(lm: nn.Module) -> int:
+    """The TP degree apply_tensor_parallel split `lm` by (1 when it was not applied)."""
     # TP can only have been applied if its module was imported; checking sys.modules spares the megatron import
     tensor = sys.modules.get("flashmorph.parallel.tensor")
     state = tensor.tensor_parallel_state(lm) if tensor is not None else None
-    if state is not None:
-        return state.num_local_heads, state.num_local_kv_heads
-    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return state.size if state is not None else 1
+
+
+def _local_heads(lm: nn.Module) -> tuple[int, int]:
+    """(query heads, kv heads) this rank's attention modules hold: all of them, or apply_tensor_parallel's slice."""
+    shape, tp = ModelShape.from_config(lm.config), _tensor_parallel_size(lm)
+    return shape.num_heads // tp, shape.num_kv_heads // tp
 
 
 def check_sequence_parallel(lm: nn.Module, sp_size: int) -> None:
     """Raise a one-line ConfigError where a morphed/hybrid model cannot run with `sp_size` Ulysses ranks."""
     lm = _hf_model(lm)
-    heads, kv_heads = _local_heads(lm)
-    if sp_size < 1:
-        raise ConfigError(f"sequence parallel size {sp_size} must be >= 1")
-    if heads % sp_size:
-        raise ConfigError(
-            f"sequence parallel size {sp_size} must divide the model's {heads} attention heads (per TP rank)"
-        )
-    if kv_heads % sp_size and sp_size % kv_heads:
-        raise ConfigError(
-            f"sequence parallel size {sp_size} and the model's {kv_heads} kv heads (per TP rank) must divide "
-            "one another"
-        )
+    check_layout(ParallelLayout(tensor=_tensor_parallel_size(lm), sequence=sp_size, data=1), ModelShape.from_config(lm.config))
     modules = attention_modules(lm)
     specs = [getattr(module, "morph", None) for module in modules]
     if any(spec is None for spec in specs) or lm.config._attn_implementation not in (ATTN_KEY, SP_ATTN_KEY):
@@ -165,16 +159,16 @@ def install_sequence_parallel(lm: nn.Module, sp_group, micro_batch_size: int) ->
         raise ConfigError(f"micro_batch_size={micro_batch_size} must be >= 1")
     if sp_size == 1:
         return
-    cfg = lm.config.get_text_config()
+    shape = ModelShape.from_config(lm.config)
     heads, kv_heads = _local_heads(lm)
     register_sequence_parallel_attention()
     ulysses = UlyssesSPAttentionHF(
         attn=morph_attention,  # the unwrapped function, whatever else is registered under "morph"
         batch_size=micro_batch_size,
         attn_head_count=heads,
-        attn_head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        attn_head_size=shape.head_dim,
         kv_head_count=kv_heads,
-        num_hidden_layers=cfg.num_hidden_layers,
+        num_hidden_layers=shape.num_layers,
         process_group=sp_group,
         seq_length_is_variable=True,
     )
@@ -222,11 +216,7 @@ def shard_sequence(input_ids: torch.Tensor, labels: torch.Tensor | None, sp_rank
     if not 0 <= sp_rank < sp_size:
         raise ConfigError(f"sp_rank={sp_rank} must lie in [0, sp_size={sp_size})")
     batch, seq_len = input_ids.shape
-    if seq_len % sp_size:
-        raise ConfigError(
-            f"sequence length {seq_len} is not divisible by the sequence parallel size {sp_size}; "
-            f"make the data's seq_len a multiple of {sp_size}"
-        )
+    check_seq_len(sp_size, seq_len)
     local = seq_len // sp_size
     start = sp_rank * local
     position_ids = torch.arange(start, start + local, device=input_ids.device)

@@ -18,8 +18,10 @@ from torch import nn
 from flashmorph.errors import CheckpointError, ConfigError, FlashMorphError
 from flashmorph.io.safetensors import SafetensorsFile
 from flashmorph.model.morph import attention_modules
+from flashmorph.model.shape import ModelShape
 from flashmorph.parallel import tp_rules
-from flashmorph.parallel.mesh import Mesh, check_model_config
+from flashmorph.parallel.layout import check_layout
+from flashmorph.parallel.mesh import Mesh
 from flashmorph.parallel.tp_shards import TPSource
 
 log = logging.getLogger(__name__)
@@ -137,14 +139,14 @@ def apply_tensor_parallel(lm: nn.Module, mesh: Mesh, shards: str | Path | None =
     """
     layers = _decoder_layers(lm)
     tp, tp_rank = mesh.tp_size, dist.get_rank(group=mesh.tp_group)
-    check_model_config(mesh.layout, lm.config)
+    shape = ModelShape.from_config(lm.config)
+    check_layout(mesh.layout, shape)
     if any(hasattr(p, "ds_id") for p in lm.parameters()):
         raise FlashMorphError("the model is already ZeRO-3 partitioned; apply_tensor_parallel before "
                               "deepspeed.initialize, on a model built without zero.Init")
     if getattr(lm, _STATE_ATTR, None) is not None:
         raise FlashMorphError("apply_tensor_parallel was already applied to this model")
     _check_head_gates(lm, tp)
-    dims = tp_rules.ModelDims.from_config(lm.config.get_text_config())
     if tp > 1:
         prefix = _layers_prefix(lm, layers)
         for idx, layer in enumerate(layers):
@@ -157,11 +159,9 @@ def apply_tensor_parallel(lm: nn.Module, mesh: Mesh, shards: str | Path | None =
                                               "tensor parallelism swaps plain HF projections only")
                     new = _parallel_linear(kind, old, mesh)
                     if shards is None:
-                        _copy_slices(new, old, f"{prefix}{idx}.{path}", dims, tp, tp_rank)
+                        _copy_slices(new, old, f"{prefix}{idx}.{path}", shape, tp, tp_rank)
                     setattr(parent, leaf, new)
-    cfg = lm.config.get_text_config()
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    setattr(lm, _STATE_ATTR, TensorParallelState(tp, tp_rank, cfg.num_attention_heads // tp, kv_heads // tp))
+    setattr(lm, _STATE_ATTR, TensorParallelState(tp, tp_rank, shape.num_heads // tp, shape.num_kv_heads // tp))
     if shards is not None:
         load_tensor_parallel_shards(lm, shards, tp, tp_rank)
     return lm
@@ -175,13 +175,13 @@ def _layers_prefix(lm: nn.Module, layers) -> str:
     raise FlashMorphError(f"cannot find the decoder layers of {type(lm).__name__} among its modules")
 
 
-def _copy_slices(new: nn.Module, old: nn.Linear, module_name: str, dims: tp_rules.ModelDims, tp: int,
+def _copy_slices(new: nn.Module, old: nn.Linear, module_name: str, shape: ModelShape, tp: int,
                  tp_rank: int) -> None:
     for leaf, param in new.named_parameters():
         name = f"{module_name}.{leaf}"
         full = getattr(old, leaf).detach()
         rule = tp_rules.tp_rule(name)
-        tp_rules.check_split_shape(name, tuple(full.shape), rule, dims, tp)
+        tp_rules.check_split_shape(name, tuple(full.shape), rule, shape, tp)
         with torch.no_grad():
             param.copy_(tp_rules.split_for_tp(full, rule, tp)[tp_rank])
 

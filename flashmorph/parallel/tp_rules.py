@@ -1,4 +1,5 @@
-"""Tensor-parallel rules: how megatron-core splits each HF weight (kind, dim, unit), and the checks a TP size must pass.
+"""Tensor-parallel rules: how megatron-core splits each HF weight (kind, dim, unit), and the checks a TP size must pass
+(the layout check itself is parallel/layout.py's; the model's sizes are model/shape.py's ModelShape).
 
 Owned by parallel/ (parallel/tensor.py cuts a live model by them); checkpoint/reshard asks them through its adapter.
 """
@@ -9,34 +10,19 @@ from dataclasses import dataclass
 import torch
 
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import DegreeNames, ParallelLayout, check_layout
 
 REPLICATED, COLUMN, ROW, VOCAB = "replicated", "column", "row", "vocab"
 
 
-@dataclass(frozen=True)
-class ModelDims:
-    """The sizes a TP split must divide, read from a HF config."""
+_LAYOUT_DIMS = ("model_type", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "intermediate_size")
+RESHARD_NAMES = DegreeNames(tensor="--tp", sequence="sequence_parallel")
 
-    model_type: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    intermediate_size: int
-    tie_word_embeddings: bool
 
-    @classmethod
-    def from_config(cls, config) -> "ModelDims":
-        heads = config.num_attention_heads
-        return cls(
-            model_type=config.model_type,
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab_size=config.vocab_size,
-            intermediate_size=config.intermediate_size,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        )
+def layout_dims(shape: ModelShape) -> dict:
+    """The sizes a TP checkpoint records (its layout file's "dims") and is checked against when read back."""
+    return {name: getattr(shape, name) for name in _LAYOUT_DIMS} | {"tie_word_embeddings": shape.tie_embeddings}
 
 
 @dataclass(frozen=True)
@@ -87,20 +73,14 @@ def tp_to_hf_name(tp_name: str) -> str:
     return tp_name
 
 
-def check_tp_size(dims: ModelDims, tp: int) -> None:
-    """ConfigError (one line, naming the size) unless `tp` splits heads, kv heads, vocab and MLP evenly."""
+def check_tp_size(shape: ModelShape, tp: int) -> None:
+    """ConfigError (one line, naming the size) unless `tp` splits heads, kv heads, widths and vocab evenly."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ConfigError(f"--tp must be an int >= 1, got {tp!r}")
-    for field in ("num_heads", "num_kv_heads", "vocab_size", "intermediate_size"):
-        size = getattr(dims, field)
-        if size % tp:
-            raise ConfigError(
-                f"--tp {tp} does not divide the model's {field}={size} (heads {dims.num_heads}, kv heads "
-                f"{dims.num_kv_heads}, vocab {dims.vocab_size}, intermediate {dims.intermediate_size}); "
-                f"pick a TP size that divides all four")
+    check_layout(ParallelLayout(tensor=tp, sequence=1, data=1), shape, names=RESHARD_NAMES, vocab_parallel=True)
 
 
-def check_split_shape(hf_name: str, shape: tuple[int, ...], rule: TPRule, dims: ModelDims, tp: int) -> None:
+def check_split_shape(hf_name: str, shape: tuple[int, ...], rule: TPRule, dims: ModelShape, tp: int) -> None:
     """The split dim must hold a whole number of the units it counts (e.g. kv heads x head_dim rows)."""
     if rule.split_dim is None:
         return

@@ -1,7 +1,6 @@
 """Megatron-core tensor-parallel shards: one safetensors file per TP rank holding that rank's partitions, plus
 `tp_layout.json` (TP size, model sizes, and per weight its HF name, kind, split dim and full shape)."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from tqdm.auto import tqdm
 
 from flashmorph.errors import CheckpointError
 from flashmorph.io.safetensors import SafetensorsFile, StreamingSafetensorsWriter
+from flashmorph.model.shape import ModelShape
 from flashmorph.parallel import tp_rules
 
 LAYOUT_FILE = "tp_layout.json"
@@ -20,7 +20,7 @@ def rank_file(rank: int, tp: int) -> str:
     return f"tp_rank_{rank:02d}_of_{tp:02d}.safetensors"
 
 
-def write_tp(source, names: list[str], out_dir: Path, tp: int, dims: tp_rules.ModelDims,
+def write_tp(source, names: list[str], out_dir: Path, tp: int, dims: ModelShape,
              show_progress: bool = True) -> dict:
     """Split every tensor of `source` into its TP pieces and stream piece r into rank r's file; returns the layout.
 
@@ -52,7 +52,7 @@ def write_tp(source, names: list[str], out_dir: Path, tp: int, dims: tp_rules.Mo
         raise
     for writer in writers:
         writer.close()
-    layout = {"format": LAYOUT_FORMAT, "tp_size": tp, "files": files, "dims": dataclasses.asdict(dims),
+    layout = {"format": LAYOUT_FORMAT, "tp_size": tp, "files": files, "dims": tp_rules.layout_dims(dims),
               "tensors": entries}
     (out_dir / LAYOUT_FILE).write_text(json.dumps(layout, indent=1) + "\n")
     return layout

@@ -1,12 +1,11 @@
 """Turn learned gates into a hybrid layout: top-k under a budget (layers or heads) or a threshold on the gates."""
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flashmorph.config import num_full_layers
+from flashmorph.config import resolve_budget
 from flashmorph.errors import ConfigError
 from flashmorph.io.atomic import load_safetensors_verified
 from flashmorph.selection.layout import HybridLayout, SelectionCost, layout_from_full_layers
@@ -51,22 +50,6 @@ def load_gate_file(path: str | Path) -> GateFile:
         raise ConfigError(f"--gates {path}: metadata says {declared} layers but gate_values has "
                           f"{values.shape[0]}; {fix}")
     return GateFile(path, values, scores, dict(metadata))
-
-
-def resolve_budget(budget, total: int, flag: str = "--budget", unit: str = "layers") -> int:
-    """A budget as a count of `unit`: ints are counts in [0, total], floats fractions in [0, 1] (rounded like
-    gate search does, so both pick the same k). Anything else is a ConfigError naming `flag`."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"{flag}={budget!r} must be a count (int) or a fraction (float in [0, 1])")
-    if isinstance(budget, float):
-        if not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
-            raise ConfigError(f"{flag}={budget} as a fraction must lie in [0, 1]; or give a count of {unit} as an int")
-        return num_full_layers(budget, total)
-    if budget < 0:
-        raise ConfigError(f"{flag}={budget} must be >= 0 (0 makes every one of the {unit} linear)")
-    if budget > total:
-        raise ConfigError(f"{flag}={budget} exceeds the {total} {unit}; give at most {total}, or a fraction in [0, 1]")
-    return budget
 
 
 def check_threshold(threshold, flag: str = "--threshold") -> float:
@@ -157,7 +140,7 @@ def discretize_heads_top_k(gate_values, budget=None, heads_per_layer: int | None
     else:
         if isinstance(heads_per_layer, float):
             raise ConfigError(f"--heads-per-layer={heads_per_layer} must be an int count of heads per layer")
-        per_layer = resolve_budget(heads_per_layer, num_heads, flag="--heads-per-layer", unit="heads of a layer")
+        per_layer = resolve_budget(heads_per_layer, num_heads, field="--heads-per-layer", unit="heads of a layer")
         for layer in range(num_layers):
             full[layer, top_k_indices(values[layer], per_layer)] = True
         inputs = {**(inputs or {}), "heads_per_layer": per_layer, "level": "head"}

@@ -28,11 +28,13 @@ from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import apply_layer_modes
 from flashmorph.parallel import distributed, zero
-from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh, layout_from_config
+from flashmorph.parallel.layout import layout_from_config
+from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
 from flashmorph.run_dir import RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training import lora
 from flashmorph.training.batches import sample_indices
+from flashmorph.training.bad_steps import BadStepCounter, any_rank_nonfinite, check_step_applied, poison
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
 from flashmorph.training.distill_model import DistillModel, base_lm
 from flashmorph.training.preemption import PreemptionGuard
@@ -147,26 +149,29 @@ def _local_batch(batch: dict, mesh: Mesh, device) -> dict:
 
 
 def run_distill(recipe: DistillRecipe, info: distributed.DistInfo, resume: bool = False, show_progress: bool = True,
-                stage: str = "distill", preemption: PreemptionGuard | None = None) -> DistillResult:
+                stage: str = "distill", preemption: PreemptionGuard | None = None,
+                resume_from: int | None = None) -> DistillResult:
     """Train the student; writes checkpoints, tensorboard, summary.json and the exported student into run_dir.
 
     With `preemption`, a stop signal on any rank ends the run after the current step with a complete checkpoint
-    and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
+    and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE). `resume_from` (implies `resume`)
+    resumes from that step's checkpoint instead of the newest intact one.
     """
     shape = validate_distill_recipe(recipe, info.world_size)
     mesh = init_mesh(layout_from_config(recipe.parallel, info.world_size))
     try:
-        return _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption)
+        return _run(recipe, info, mesh, shape, resume or resume_from is not None, resume_from, show_progress, stage,
+                    preemption)
     finally:
         destroy_mesh()
 
 
-def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) -> DistillResult:
+def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, preemption) -> DistillResult:
     cfg = recipe.distill
     run_dir = Path(recipe.run.run_dir)
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
     setup_file_logging(run_dir, info.rank)
-    datasets = build_datasets(recipe, shape["vocab_size"], info)
+    datasets = build_datasets(recipe, shape.vocab_size, info)
     schedule = LengthSchedule([(s.seq_len, s.steps) for s in cfg.length_schedule] or [(recipe.data.seq_len, cfg.steps)])
     dp_size, dp_rank = mesh.layout.data, mesh.dp_rank
     ds_config = zero.build_ds_config(
@@ -182,7 +187,7 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
              mesh.layout.tensor, mesh.layout.sequence, dp_size)
 
     root = RunDir(run_dir).checkpoints
-    state = resume_checkpoint(engine, root, info) if resume else None
+    state = resume_checkpoint(engine, root, info, resume_from) if resume else None
     start_step = state["step"] if state else 0
     total_steps = schedule.total_steps
     accum, micro = cfg.grad_accum_steps, cfg.micro_batch_size
@@ -192,6 +197,7 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
     writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
     bar = tqdm(total=total_steps, initial=start_step, desc=stage, disable=not (info.is_main and show_progress))
     kl_history: list[float] = []
+    bad_steps = BadStepCounter(stage, cfg.max_bad_steps, "distill.max_bad_steps")
     kl_by_length: dict[int, list[float]] = {}  # seq_len -> [first, last] KL of the steps run at that length
     for step in range(start_step, total_steps):
         started = time.perf_counter()
@@ -200,13 +206,21 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
         global_tokens = micro * accum * dp_size * seq_len
         scale = accum * grad_average / global_tokens
         totals = torch.zeros(2, dtype=torch.float64)  # kl_sum, ce_sum over this rank's tokens
+        step_bad = False
         for m in range(accum):
             batch = dataset.batch(sample_indices(step, m, dp_rank, dp_size, micro, accum))
             local = _local_batch(batch, mesh, info.device)
             sums = engine(local["input_ids"], local["position_ids"], local["shift_labels"])
-            engine.backward(sums["loss_sum"] * scale)
+            loss = sums["loss_sum"] * scale
+            # every rank (TP, SP and DP) must agree before engine.step(): one NaN poisons the step everywhere
+            step_bad = any_rank_nonfinite((loss,), info.device) or step_bad
+            engine.backward(poison(loss) if step_bad else loss)
             engine.step()
             totals += torch.stack([sums["kl_sum"].detach().double().cpu(), sums["ce_sum"].detach().double().cpu()])
+        bad, what = check_step_applied(engine, step_bad, recipe.model.dtype, "loss")
+        if bad:
+            writer.scalars(step + 1, {"numerics/skipped_steps": bad_steps.skipped + 1})
+        bad_steps.record(step + 1, bad, what)  # NumericalFault after distill.max_bad_steps in a row
         # TP ranks hold the same tokens: sum over the data x sequence ranks of TP rank 0's share only
         totals = totals * (1.0 if mesh.tp_rank == 0 else 0.0)
         totals = distributed.all_reduce_sum(totals.to(info.device)).cpu()
@@ -219,6 +233,7 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
                 "loss/kl": kl, "loss/ce": ce, "loss/total": kl + cfg.ce_weight * ce,
                 "lr": engine.get_lr()[0], "data/seq_len": seq_len,
                 "perf/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed,
+                "numerics/skipped_steps": bad_steps.skipped,
             })
         bar.update(1)
         bar.set_postfix(kl=f"{kl:.4f}", len=seq_len)
@@ -235,7 +250,8 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
     if start_step < total_steps:
         save_checkpoint(engine, root, total_steps, {"kl": kl_history[-1]}, cfg.keep_last, info)
     writer.close()
-    student_dir = _write_outputs(recipe, model, mesh, info, kl_history, kl_by_length, start_step, total_steps, stage)
+    student_dir = _write_outputs(recipe, model, mesh, info, kl_history, kl_by_length, start_step, total_steps, stage,
+                                 state["resume"] if state else None, bad_steps.skipped)
     distributed.barrier()  # _write_outputs gathers on every rank, writes on rank 0
     return DistillResult(run_dir, kl_history, total_steps, student_dir)
 
@@ -244,7 +260,7 @@ def _run(recipe, info, mesh, shape, resume, show_progress, stage, preemption) ->
 
 
 def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl_by_length, start_step, total_steps,
-                   stage):
+                   stage, resumed, skipped_steps=0):
     """adapter/ (LoRA), student/ (the hybrid as a HF directory, LoRA merged) and summary.json."""
     from flashmorph.export import save_hybrid
 
@@ -273,6 +289,8 @@ def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl
             "layout": read_layout(recipe.student.layout),
             "parallel": {"tensor": mesh.layout.tensor, "sequence": mesh.layout.sequence, "data": mesh.layout.data},
             "student_dir": str(student_dir) if student_dir else None,
+            "resumed": resumed,
+            "skipped_nonfinite_steps": skipped_steps,
         }
         io_atomic.atomic_write_text(RunDir(run_dir).summary, json.dumps(summary, indent=2))
         for seq_len, (first, last) in kl_by_length.items():

@@ -22,6 +22,7 @@ from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, set
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
 from flashmorph.telemetry import MetricsWriter
+from flashmorph.training.bad_steps import BadStepCounter, any_rank_nonfinite, check_step_applied, poison
 from flashmorph.training.batches import sample_indices
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
 from flashmorph.training.preemption import PreemptionGuard
@@ -38,6 +39,8 @@ class GateSearchResult:
     kept_layers: list[int]  # the top-k layers for the recipe's budget, ascending
     final_accuracy: float  # retrieval accuracy of the last step, all ranks
     teacher_report: dict | None  # the embedded teacher's report, when there is one
+    resumed: dict | None = None  # the checkpoint this run resumed from and the damaged ones it skipped
+    skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf in this process's run
 
 
 def regularizer(gate_values: torch.Tensor, kind: str, budget_fraction: float) -> torch.Tensor:
@@ -69,15 +72,16 @@ def _save_checkpoint(engine, root: Path, step: int, accuracy: float, keep_last: 
     save_checkpoint(engine, root, step, {"accuracy": accuracy}, keep_last, info)  # storage failures: CheckpointError
 
 
-def _resume(engine, root: Path, info) -> tuple[int, float]:
-    """(first step to run, accuracy of the last step done) from the latest complete checkpoint."""
-    state = resume_checkpoint(engine, root, info)
-    return (0, float("nan")) if state is None else (state["step"], state["accuracy"])
+def _resume(engine, root: Path, info, step: int | None) -> tuple[int, float, dict | None]:
+    """(first step to run, accuracy of the last step done, what was resumed) from the newest intact checkpoint,
+    or from the one of `step`."""
+    state = resume_checkpoint(engine, root, info, step)
+    return (0, float("nan"), None) if state is None else (state["step"], state["accuracy"], state["resume"])
 
 
 def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume: bool = False,
                     show_progress: bool = True, preemption: PreemptionGuard | None = None,
-                    dataset=None) -> GateSearchResult:
+                    dataset=None, resume_from: int | None = None) -> GateSearchResult:
     """Train the gates of a morphed model; writes gates.safetensors and summary.json into run.run_dir.
 
     `dataset` replaces the retrieval stream built from recipe.data: anything whose `batch(indices)` gives input_ids
@@ -85,7 +89,9 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
 
     With `preemption`, a stop signal on any rank ends the run after the current step with a complete
     checkpoint and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
+    `resume_from` (implies `resume`) resumes from that step's checkpoint instead of the newest intact one.
     """
+    resume = resume or resume_from is not None
     shape = validate_recipe(recipe)
     search = recipe.search
     run_dir = Path(recipe.run.run_dir)
@@ -93,7 +99,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     setup_file_logging(run_dir, info.rank)
     model_dir, teacher_report = _resolve_model_dir(recipe, run_dir, info, show_progress, preemption)
     if dataset is None:
-        space, haystack = data_for_model(model_dir, recipe.data, shape["vocab_size"])
+        space, haystack = data_for_model(model_dir, recipe.data, shape.vocab_size)
         dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
     ds_config = zero.build_ds_config(
@@ -111,14 +117,15 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     engine.train()
 
     root = RunDir(run_dir).checkpoints
-    start_step, accuracy = _resume(engine, root, info) if resume else (0, float("nan"))
+    start_step, accuracy, resumed = _resume(engine, root, info, resume_from) if resume else (0, float("nan"), None)
 
-    num_layers = shape["num_layers"]
+    num_layers = shape.num_layers
     k = num_full_layers(search.budget, num_layers)
     budget_fraction = k / num_layers
     accum, world = search.grad_accum_steps, info.world_size
     writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
     bar = tqdm(total=search.steps, initial=start_step, desc="gate search", disable=not (info.is_main and show_progress))
+    bad_steps = BadStepCounter("gate search", search.max_bad_steps, "search.max_bad_steps")
     for step in range(start_step, search.steps):
         started = time.perf_counter()
         batches = [dataset.batch(sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
@@ -130,13 +137,21 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
         ce_scale = accum * world / max(step_tokens, 1.0)
         lam = reg_lambda(step, search.reg_weight, search.reg_warmup_steps)
         totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # ce_sum, tokens, correct, reg
+        step_bad = False
         for batch in batches:
             out = engine(batch["input_ids"].to(info.device), labels=batch["labels"].to(info.device))
             reg = regularizer(out["gate_values"], search.regularizer, budget_fraction)
-            engine.backward(out["loss_sum"] * ce_scale + lam * reg)
+            loss = out["loss_sum"] * ce_scale + lam * reg
+            # every rank must agree before engine.step(): a NaN on one rank poisons the step on all of them
+            step_bad = any_rank_nonfinite((loss, out["gate_values"]), info.device) or step_bad
+            engine.backward(poison(loss) if step_bad else loss)
             engine.step()
             totals += torch.stack([out["loss_sum"].detach().double(), out["num_tokens"].double(),
                                    out["num_correct"].double(), reg.detach().double() / accum])
+        bad, what = check_step_applied(engine, step_bad, recipe.model.dtype, "loss or gates")
+        if bad:
+            writer.scalars(step + 1, {"numerics/skipped_steps": bad_steps.skipped + 1})
+        bad_steps.record(step + 1, bad, what)  # NumericalFault after search.max_bad_steps in a row
         gate_values = out["gate_values"].detach().float().cpu()
         distributed.all_reduce_sum(totals)
         ce = (totals[0] / totals[1]).item()
@@ -148,7 +163,7 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
             writer.scalars(step + 1, {
                 "loss/total": ce + lam * reg_value, "loss/retrieval": ce, "loss/regularizer": reg_value,
                 "reg/lambda": lam, "acc/retrieval": accuracy, "perf/tokens_per_s": seq_tokens / elapsed,
-                "perf/step_time_s": elapsed,
+                "perf/step_time_s": elapsed, "numerics/skipped_steps": bad_steps.skipped,
             })
             writer.gates(step + 1, gate_values)
         bar.update(1)
@@ -172,7 +187,8 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     gate_values = torch.sigmoid(logits)
     layer_scores = model.gates.layer_scores(gate_values)
     kept = top_k_indices(layer_scores, k)  # the same rule tools/discretize_gates.py applies
-    result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report)
+    result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report, resumed,
+                              bad_steps.skipped)
     # on rank 0, and a full disk there raises on every rank instead of leaving the others at a barrier
     distributed.run_on_main(lambda: _write_outputs(result, recipe, k, model_dir, info.world_size), info)
     return result
@@ -197,6 +213,8 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "kept_layers": result.kept_layers,
         "final_retrieval_accuracy": result.final_accuracy,
         "teacher": result.teacher_report,
+        "resumed": result.resumed,
+        "skipped_nonfinite_steps": result.skipped_steps,
     }
     io_atomic.atomic_write_text(RunDir(result.run_dir).summary, json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)

@@ -66,17 +66,37 @@ def _seal(root: Path, step: int, keep_last: int, world_size: int) -> None:
             log.warning("could not prune old checkpoints in %s (%s)", root, err)
 
 
-def newest_intact_checkpoint(root: Path, world_size: int) -> tuple[Path | None, str | None]:
-    """(the newest checkpoint that is intact, None), or (None, why none is) when checkpoints exist but all are
-    damaged, or (None, None) when there are none. Rank 0 only: it hashes every file.
+def _damage_record(ckpt: Path, err: CheckpointError) -> dict:
+    """What summary.json records of a damaged checkpoint: its step, the file to blame and why."""
+    file = err.file
+    if file is not None and Path(file).is_absolute():
+        try:
+            file = str(Path(file).relative_to(ckpt))
+        except ValueError:
+            pass
+    return {"step": atomic.checkpoint_step(ckpt), "file": file, "problem": str(err)}
+
+
+def newest_intact_checkpoint(root: Path, world_size: int, step: int | None = None
+                             ) -> tuple[Path | None, str | None, list[dict]]:
+    """(the checkpoint to resume from, None, damaged newer ones skipped), or (None, why not, ...) when checkpoints
+    exist but none is intact, or (None, None, []) when there are none. Rank 0 only: it hashes every file.
 
     Intact: every file its manifest lists, with the listed size and sha256, nothing unlisted, and no pickle that
     asks for a type outside torch's safe set and the DeepSpeed allow-list. A damaged newer one is named in a
-    warning and skipped, so the run falls back to the newest intact step."""
+    warning and skipped, so the run falls back to the newest intact step. With `step` (--resume-from), only that
+    checkpoint is considered: missing or damaged, it is refused."""
     from flashmorph.io.safe_load import check_pickles
 
     found = atomic.list_checkpoints(root)
-    problems = []
+    if step is not None:
+        chosen = [c for c in found if atomic.checkpoint_step(c) == step]
+        if not chosen:
+            steps = ", ".join(str(atomic.checkpoint_step(c)) for c in found) or "none"
+            return None, (f"--resume-from {step}: {root} holds no checkpoint of step {step} (steps there: {steps}); "
+                          "pick one of them, or drop --resume-from to take the newest intact one"), []
+        found = chosen
+    damaged = []
     for ckpt in reversed(found):
         try:
             saved_world = atomic.read_manifest(ckpt)["meta"].get("world_size")
@@ -87,29 +107,34 @@ def newest_intact_checkpoint(root: Path, world_size: int) -> tuple[Path | None, 
             # Refused before any rank file is read: this is a wrong job, not a damaged checkpoint to skip.
             return None, (f"{ckpt} was written by {saved_world} ranks and this job has {world_size}; resume on "
                           f"{saved_world} GPUs, or carry the weights to the new count with tools/reshard.py and "
-                          "start a new run (docs/cluster.md)")
+                          "start a new run (docs/cluster.md)"), damaged
         try:
             atomic.verify(ckpt, deep=True)
             check_pickles(ckpt)
         except CheckpointError as err:
+            if step is not None:
+                return None, f"--resume-from {step}: {err}", [_damage_record(ckpt, err)]
             log.warning("skipping damaged checkpoint: %s", err)
-            problems.append(str(err))
+            damaged.append(_damage_record(ckpt, err))
             continue
-        if problems:
-            log.warning("resuming from %s, the newest intact checkpoint (%d newer ones are damaged)", ckpt,
-                        len(problems))
-        return ckpt, None
+        if damaged:
+            log.warning("resuming from step %d (%s), the newest intact checkpoint; damaged and skipped: %s",
+                        atomic.checkpoint_step(ckpt), ckpt,
+                        "; ".join(f"step {d['step']} ({d['file']})" for d in damaged))
+        return ckpt, None, damaged
     if not found:
-        return None, None
+        return None, None, []
     return None, (f"none of the {len(found)} checkpoints in {root} is intact, so nothing was loaded (newest: "
-                  f"{problems[0]}); restore one, or start a new run in another run_dir")
+                  f"{damaged[0]['problem']}); restore one, or start a new run in another run_dir"), damaged
 
 
-def resume_checkpoint(engine, root: Path, info) -> dict | None:
-    """Load the newest intact checkpoint into `engine`; returns its client state (with "step"), or None if there
-    is none at all. Checkpoints that exist but are all damaged raise CheckpointError on every rank."""
-    chosen, problem = newest_intact_checkpoint(root, info.world_size) if info.is_main else (None, None)
-    chosen, problem = distributed.broadcast_object((str(chosen) if chosen else None, problem))
+def resume_checkpoint(engine, root: Path, info, step: int | None = None) -> dict | None:
+    """Load the newest intact checkpoint (or the one of `step`) into `engine`; returns its client state, with
+    "step" and "resume" (the step used and the damaged checkpoints skipped, for summary.json), or None if there
+    is none at all. Checkpoints that exist but are all damaged, or a missing/damaged `step`, raise CheckpointError
+    on every rank."""
+    found = newest_intact_checkpoint(root, info.world_size, step) if info.is_main else (None, None, [])
+    chosen, problem, damaged = distributed.broadcast_object((str(found[0]) if found[0] else None, *found[1:]))
     if problem is not None:
         raise CheckpointError(problem)
     if chosen is None:
@@ -117,4 +142,6 @@ def resume_checkpoint(engine, root: Path, info) -> dict | None:
         return None
     state = zero.load_engine_checkpoint(engine, Path(chosen))
     log.info("resumed from %s (step %d)", chosen, state["step"])
+    state["resume"] = {"step": state["step"], "checkpoint": Path(chosen).name, "chosen_by": "--resume-from"
+                       if step is not None else "newest intact", "damaged_skipped": damaged}
     return state

@@ -81,3 +81,56 @@ def test_output_file_is_executable_and_says_how_to_submit(tmp_path, capsys):
     assert make_slurm.main(["--config", "recipes/llama3_8b_gate_search.yaml", "-o", str(out)]) == 0
     assert out.stat().st_mode & 0o111
     assert "mkdir -p runs/llama3_8b_gate_search/slurm && sbatch" in capsys.readouterr().out
+
+
+# a value a user might paste, or an attacker might plant: command substitutions, both quotes, spaces, a newline
+# that would end a comment line, a tab, a backslash and a dollar
+HOSTILE = "a b \"dq\" 'sq' $(touch {marker}) `touch {marker}`; touch {marker}\ntouch {marker} \t\\ $HOME end"
+
+
+def test_hostile_values_pass_through_the_script_unchanged_and_never_run(tmp_path):
+    import os
+
+    from slurm_helpers import fake_slurm_env
+
+    marker = tmp_path / "code_ran"
+    value = HOSTILE.format(marker=marker)
+    run_dir = f"{tmp_path}/run $(touch {marker}) 'q'"
+    text = make_slurm.render(["--config", "recipes/llama3_8b_gate_search.yaml", "--nodes", "1", "--gpus-per-node",
+                              "1", "--time", "01:00:00", "--run-dir", run_dir, "--log-dir", str(tmp_path),
+                              "--env", f"HOSTILE_VALUE={value}", "--setup", "true"])
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert all(line.startswith("#") for line in text.splitlines()[:12])  # the header comment kept every line
+    env = fake_slurm_env(tmp_path, nodes=1)
+    torchrun = tmp_path / "fake_slurm_bin" / "torchrun"  # records what the rank would get
+    torchrun.write_text('#!/bin/bash\nprintf %s "$HOSTILE_VALUE" > "$FAKE_OUT/value"\n'
+                        'printf "%s\\n" "$@" > "$FAKE_OUT/args"\n')
+    torchrun.chmod(0o755)
+    env["FAKE_OUT"] = str(tmp_path)
+    env.pop("HOSTILE_VALUE", None)
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "value").read_text() == value
+    assert f"run.run_dir={run_dir}" in (tmp_path / "args").read_text().splitlines()
+    assert not marker.exists() and os.path.exists(tmp_path / "args")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "1KEY=v"], "'1KEY' is not a shell variable name"),
+    (["--env", "A-B=v"], "'A-B' is not a shell variable name"),
+    (["--env", "$(touch x)=v"], "is not a shell variable name"),
+    (["--env", "NOVALUE"], "must look like KEY=VALUE"),
+    (["--partition", "gpu\ntouch x"], "--partition"),
+    (["--account", "a b"], "--account"),
+    (["--qos", ""], "--qos"),
+    (["--log-dir", "logs\nrm -rf x"], "--log-dir"),
+    (["--sbatch", "--exclusive\ntouch x"], "--sbatch"),
+])
+def test_values_that_cannot_be_quoted_safely_are_refused(argv, message, capsys, tmp_path):
+    out = tmp_path / "job.sbatch"
+    assert make_slurm.main(["--config", "recipes/llama3_8b_gate_search.yaml", *argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()

@@ -109,7 +109,7 @@ def test_bad_configs_fail_before_any_work(override, message):
 def test_both_recipes_validate():
     for name, layers in (("selection.yaml", 12), ("selection_cpu.yaml", 4)):
         cfg = load_experiment(RECIPES / name, ["teacher_dir=null"])
-        assert validate_experiment(cfg)["num_layers"] == layers
+        assert validate_experiment(cfg).num_layers == layers
     gpu = load_experiment(RECIPES / "selection.yaml", ["teacher_dir=null"])
     assert layer_budgets(gpu, 12) == [2, 3, 6] and len(gpu.selection.random_seeds) >= 3
     assert math.comb(12, 3) <= gpu.evaluation.exhaustive_max_layouts < math.comb(12, 6)

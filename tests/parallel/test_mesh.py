@@ -8,8 +8,8 @@ from tp_world import four_rank_world
 from flashmorph.config import LayoutConfig, ParallelConfig
 from flashmorph.errors import ConfigError
 from flashmorph.model.tiny import tiny_config
-from flashmorph.parallel.mesh import (ParallelLayout, check_layout_for_model, check_model_config, layout_from_config,
-                                      resolve_layout)
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.layout import ParallelLayout, check_layout, layout_from_config, resolve_layout
 
 
 def _one_line_config_error(fn, *needles):
@@ -28,7 +28,7 @@ def test_resolve_layout_gives_data_parallel_the_rest():
 
 
 def test_resolve_layout_errors_name_the_fields_and_the_fix():
-    _one_line_config_error(lambda: resolve_layout(4, 1, 6), "world size 6", "parallel.tensor_parallel=4",
+    _one_line_config_error(lambda: resolve_layout(4, 1, 6), "world_size=6", "parallel.tensor_parallel=4",
                            "parallel.sequence_parallel=1", "launch a multiple of 4 ranks")
     _one_line_config_error(lambda: resolve_layout(2, 2, 6), "parallel.sequence_parallel=2", "multiple of 4")
     _one_line_config_error(lambda: resolve_layout(0, 1, 4), "parallel.tensor_parallel=0", ">= 1")
@@ -50,9 +50,9 @@ def test_group_ranks_tp_innermost_then_sp_then_dp():
 
 @pytest.mark.parametrize("layout, shape, needles", [
     (ParallelLayout(2, 2, 1), dict(num_heads=6), ["parallel.tensor_parallel=2 x parallel.sequence_parallel=2",
-                                                  "6 attention heads"]),
-    (ParallelLayout(4, 1, 1), dict(num_heads=8), ["parallel.tensor_parallel=4 exceeds", "2 kv heads"]),
-    (ParallelLayout(2, 1, 1), dict(num_heads=6, num_kv_heads=3), ["parallel.tensor_parallel=2", "3 kv heads"]),
+                                                  "num_heads=6"]),
+    (ParallelLayout(4, 1, 1), dict(num_heads=8), ["parallel.tensor_parallel=4 exceeds", "num_kv_heads=2"]),
+    (ParallelLayout(2, 1, 1), dict(num_heads=6, num_kv_heads=3), ["parallel.tensor_parallel=2", "num_kv_heads=3"]),
     (ParallelLayout(2, 1, 1), dict(hidden_size=63), ["hidden_size=63"]),
     (ParallelLayout(2, 1, 1), dict(intermediate_size=129), ["intermediate_size=129"]),
     (ParallelLayout(1, 2, 1), dict(seq_len=15), ["parallel.sequence_parallel=2", "sequence length 15",
@@ -60,13 +60,20 @@ def test_group_ranks_tp_innermost_then_sp_then_dp():
 ])
 def test_model_checks_name_the_field_and_the_fix(layout, shape, needles):
     sizes = dict(num_heads=4, num_kv_heads=2, hidden_size=64, intermediate_size=128, seq_len=16) | shape
-    _one_line_config_error(lambda: check_layout_for_model(layout, **sizes), *needles)
+    seq_len = sizes.pop("seq_len")
+    _one_line_config_error(lambda: check_layout(layout, _shape(**sizes), seq_len), *needles)
+
+
+def _shape(num_heads, num_kv_heads, hidden_size, intermediate_size):
+    return ModelShape("model", num_layers=2, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                      head_dim=16, intermediate_size=intermediate_size, vocab_size=64)
 
 
 def test_model_checks_accept_good_layouts_and_read_hf_configs():
-    check_layout_for_model(ParallelLayout(2, 2, 1), 4, 2, 64, 128, 16)
-    check_layout_for_model(ParallelLayout(1, 4, 1), 4, 2, 64, 128, None)
-    _one_line_config_error(lambda: check_model_config(ParallelLayout(4, 1, 1), tiny_config("llama")), "exceeds")
+    check_layout(ParallelLayout(2, 2, 1), _shape(4, 2, 64, 128), 16)
+    check_layout(ParallelLayout(1, 4, 1), _shape(4, 2, 64, 128), None)
+    _one_line_config_error(lambda: check_layout(ParallelLayout(4, 1, 1), ModelShape.from_config(tiny_config("llama"))),
+                           "exceeds")
 
 
 # ------------------------------------------------------------------------------------------ on 4 gloo ranks

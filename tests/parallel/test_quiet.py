@@ -65,7 +65,7 @@ def test_the_embedded_main_job_prints_only_our_lines(tmp_path):
     cmd = [sys.executable, str(ROOT / "launcher" / "gate_search.py"), "--config", str(ROOT / "recipes" / "embedded.yaml")]
     for item in overrides:
         cmd += ["--override", item]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)
     output = proc.stdout + "\n" + proc.stderr
     assert proc.returncode == 0, output[-4000:]

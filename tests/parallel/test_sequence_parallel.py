@@ -216,7 +216,7 @@ def test_shard_sequence_gives_slices_global_positions_and_labels_shifted_before_
 
 def test_shard_sequence_refuses_indivisible_length():
     input_ids, labels = _batch()
-    with pytest.raises(ConfigError, match="not divisible by the sequence parallel size 3"):
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel=3 does not divide the sequence length"):
         shard_sequence(input_ids, labels, 0, 3)
     with pytest.raises(ConfigError, match="sp_rank"):
         shard_sequence(input_ids, labels, 4, 4)
@@ -236,7 +236,7 @@ def test_shift_labels_give_the_same_loss_as_labels():
 def test_check_sequence_parallel_refuses_unsupported_shapes():
     morphed = morph_model(build_tiny_model(tiny_config("llama", num_heads=4, num_kv_heads=2)))
     check_sequence_parallel(morphed, 4)  # 2 kv heads, SP=4: ALST replicates each kv head twice
-    with pytest.raises(ConfigError, match="divide the model's 4 attention heads"):
+    with pytest.raises(ConfigError, match=r"does not divide the model's num_heads=4 \(4 attention heads per TP rank\)"):
         check_sequence_parallel(morphed, 3)
     gqa = morph_model(build_tiny_model(tiny_config("llama", hidden_size=96, num_heads=6, num_kv_heads=3)))
     with pytest.raises(ConfigError, match="must divide one another"):

@@ -138,7 +138,8 @@ def _train_zero(mesh) -> dict:
 
 
 def _phase_tp_dp(info, shard_dirs: dict) -> dict:
-    from flashmorph.parallel.mesh import destroy_mesh, init_mesh, resolve_layout
+    from flashmorph.parallel.layout import resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
 
     mesh = init_mesh(resolve_layout(2, 1, info.world_size))
     try:
@@ -162,7 +163,8 @@ def _phase_tp_sp(info) -> dict:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
-    from flashmorph.parallel.mesh import ParallelLayout, destroy_mesh, init_mesh, resolve_layout
+    from flashmorph.parallel.layout import ParallelLayout, resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
     from flashmorph.parallel.zero import initialize_engine
 
     out = {"wrong_world": _error(lambda: init_mesh(ParallelLayout(2, 1, 1)))}

@@ -4,10 +4,11 @@ import pytest
 import torch
 from reshard_helpers import save_tiny
 
-from flashmorph.checkpoint.reshard import ModelDims, check_tp_size, reshard, tp_rule
+from flashmorph.checkpoint.reshard import check_tp_size, reshard, tp_rule
 from flashmorph.checkpoint.reshard.adapter import zero3_to_hf_names
 from flashmorph.errors import CheckpointError, ConfigError
 from flashmorph.io.safetensors import SafetensorsFile, StreamingSafetensorsWriter
+from flashmorph.model.shape import ModelShape
 from flashmorph.model.tiny import tiny_config
 from flashmorph.parallel.tp_shards import rank_file
 
@@ -54,13 +55,13 @@ def test_rules_name_the_split():
 
 @pytest.mark.parametrize("tp, field", [(3, "num_heads"), (4, "num_kv_heads"), (0, "--tp must be")])
 def test_tp_size_must_divide_heads_kv_heads_vocab(tp, field):
-    dims = ModelDims.from_config(tiny_config("llama", num_heads=4, num_kv_heads=2))
+    dims = ModelShape.from_config(tiny_config("llama", num_heads=4, num_kv_heads=2))
     with pytest.raises(ConfigError, match=field) as info:
         check_tp_size(dims, tp)
     assert "\n" not in str(info.value)
     check_tp_size(dims, 2)
     with pytest.raises(ConfigError, match="vocab_size=63"):
-        check_tp_size(ModelDims.from_config(tiny_config("llama", num_kv_heads=4, vocab_size=63)), 2)
+        check_tp_size(ModelShape.from_config(tiny_config("llama", num_kv_heads=4, vocab_size=63)), 2)
 
 
 def test_zero3_names_map_through_a_wrapper_prefix():

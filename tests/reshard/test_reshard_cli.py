@@ -33,8 +33,8 @@ def test_hf_to_tp_and_back(tmp_path, hf_dir, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--to", "tp", "--tp", "3"], "--tp 3 does not divide the model's num_heads=4"),
-    (["--to", "tp", "--tp", "4"], "--tp 4 does not divide the model's num_kv_heads=2"),
+    (["--to", "tp", "--tp", "3"], "--tp=3 does not divide the model's num_heads=4"),
+    (["--to", "tp", "--tp", "4"], "--tp=4 exceeds the model's num_kv_heads=2"),
     (["--to", "tp"], "--to tp needs --tp N"),
     (["--to", "hf", "--tp", "2"], "--tp only applies to --to tp"),
     (["--to", "zero3", "--dp", "0"], "--dp must be an int >= 1"),

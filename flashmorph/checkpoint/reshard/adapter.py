@@ -7,16 +7,18 @@ the TP rules themselves live with tensor parallelism (flashmorph/parallel/tp_rul
 import torch
 
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.model.shape import ModelShape  # noqa: F401 (re-exported: the sizes reshard checks)
 from flashmorph.parallel.tp_rules import (  # noqa: F401 (re-exported: reshard asks this one adapter)
     COLUMN,
     REPLICATED,
+    RESHARD_NAMES,
     ROW,
     VOCAB,
-    ModelDims,
     TPRule,
     check_split_shape,
     check_tp_size,
     hf_to_tp_name,
+    layout_dims,
     merge_from_tp,
     split_for_tp,
     tp_piece_shape,

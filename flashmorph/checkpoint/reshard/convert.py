@@ -5,7 +5,6 @@ add deepspeed's lazy consolidation (one fp32 tensor, rank files memory-mapped); 
 per DP rank (~16 bytes per parameter of its share). Measured figures: tools/reshard.py --help and docs/reshard.md.
 """
 
-import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
@@ -15,8 +14,9 @@ from flashmorph.checkpoint import atomic
 from flashmorph.checkpoint.reshard import adapter, hf, zero3
 from flashmorph.errors import CheckpointError, ConfigError
 from flashmorph.model.load import SUPPORTED_MODEL_TYPES
-from flashmorph.parallel import tp_shards as tp_files
+from flashmorph.model.shape import ModelShape
 from flashmorph.parallel import distributed
+from flashmorph.parallel import tp_shards as tp_files
 
 log = logging.getLogger(__name__)
 FORMATS = ("zero3", "hf", "tp")
@@ -35,7 +35,7 @@ class ReshardPlan:
     dst: Path
     config_dir: Path
     config: object  # transformers PretrainedConfig
-    dims: adapter.ModelDims
+    dims: ModelShape
     tp: int | None
     dp: int | None
 
@@ -74,7 +74,7 @@ def plan_reshard(src_format: str, dst_format: str, src, dst, *, tp: int | None =
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model type {config.model_type!r} is not supported; reshard handles {SUPPORTED_MODEL_TYPES}")
-    dims = adapter.ModelDims.from_config(config)
+    dims = ModelShape.from_config(config)
     if dst_format == "tp":
         adapter.check_tp_size(dims, tp)
 
@@ -88,7 +88,7 @@ def plan_reshard(src_format: str, dst_format: str, src, dst, *, tp: int | None =
         for name in layout["files"]:
             if not (src / name).is_file():
                 raise CheckpointError(f"{src / name} is missing; the TP checkpoint is incomplete")
-        if layout.get("dims") != dataclasses.asdict(dims):
+        if layout.get("dims") != adapter.layout_dims(dims):
             raise ConfigError(f"{src / tp_files.LAYOUT_FILE} was written for other model sizes than "
                               f"{config_dir / 'config.json'}; pass the matching --config")
     else:
