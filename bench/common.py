@@ -321,7 +321,7 @@ def format_table(title: str, ratios: Sequence[Ratio]) -> str:
 def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict[str, Any]:
     """Device, date, the exact command (`python -m <module> ...`) and the software versions, recorded with every
     result."""
-    from flashmorph.run_dir import collect_versions
+    from flashmorph.versions import collect_versions
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -394,7 +394,7 @@ class Results:
         return ratios
 
     def write(self) -> None:
-        from flashmorph.checkpoint.atomic import atomic_write_text
+        from flashmorph.io.atomic import atomic_write_text
 
         atomic_write_text(self.path, json.dumps(_plain(self.data), indent=2) + "\n")
 

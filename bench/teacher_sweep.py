@@ -26,8 +26,9 @@ from flashmorph.config import TeacherConfig, validate_teacher
 def _run_variant(name: str, fields: dict, out_dir: str, seconds: float, queue) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(asctime)s %(message)s",
                         handlers=[logging.FileHandler(Path(out_dir) / f"{name}.log")])
+    from flashmorph.errors import Preempted
     from flashmorph.stages.teacher import train_teacher
-    from flashmorph.training.preemption import Deadline, Preempted
+    from flashmorph.training.preemption import Deadline
 
     teacher = TeacherConfig(**fields)
     started = time.perf_counter()

@@ -12,12 +12,11 @@ import yaml
 
 from flashmorph.data.config import DataConfig
 from flashmorph.errors import ConfigError
-from flashmorph.model.config import MorphConfig
+from flashmorph.model.config import DTYPES, MorphConfig
 from flashmorph.model.hf_dir import validate_model_dir
 from flashmorph.model.shape import ModelShape
 from flashmorph.parallel.layout import ParallelLayout, check_layout
 
-DTYPES = ("float32", "bfloat16", "float16")
 REGULARIZERS = ("mean", "budget")
 TEACHER_DEVICES = ("auto", "cpu", "cuda")
 MIN_TEXT_VOCAB = 6 + 6 * 256  # synthetic token space: ~1/6 of the non-special ids are filler, text needs 256 of them

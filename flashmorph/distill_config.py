@@ -13,6 +13,7 @@ from flashmorph.model.config import MorphConfig
 from flashmorph.model.layout import read_layout
 from flashmorph.model.shape import ModelShape
 from flashmorph.parallel.layout import check_layout, check_trainable, layout_from_config
+from flashmorph.run_dir import RunDir
 
 TRAINABLE_SETS = ("lora", "linear", "full")
 
@@ -152,14 +153,14 @@ def check_init_from(run_dir: str, trainable: str, num_layers: int) -> None:
     fix = "give the run.run_dir of a finished distill run"
     if not Path(run_dir).is_dir():
         raise ConfigError(f"{where} does not exist; {fix}")
-    if not (Path(run_dir) / "summary.json").is_file():
+    if not RunDir(run_dir).summary.is_file():
         raise ConfigError(f"{where} holds no summary.json, so it is not a finished distill run; {fix}")
     if trainable == "lora":
-        if not (Path(run_dir) / "adapter" / "adapter_model.safetensors").is_file():
+        if not (RunDir(run_dir).adapter / "adapter_model.safetensors").is_file():
             raise ConfigError(f"{where} holds no adapter/adapter_model.safetensors (a LoRA run writes it); {fix} "
                               "with distill.trainable=lora")
         return
-    student = validate_model_dir(Path(run_dir) / "student", f"{where} (its student/)")
+    student = validate_model_dir(RunDir(run_dir).student, f"{where} (its student/)")
     if student.num_layers != num_layers:
         raise ConfigError(f"{where}: its student has {student.num_layers} layers but model.path has {num_layers}; "
                           "continue from a run of the same model")

@@ -117,7 +117,7 @@ def save_hybrid(lm: nn.Module, out_dir: str | os.PathLike, *, force: bool = Fals
 
 
 def _write_sidecars(directory: Path) -> None:
-    from flashmorph.run_dir import collect_versions
+    from flashmorph.versions import collect_versions
 
     pickles = sorted(p.name for p in directory.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
     if pickles:  # save_pretrained writes safetensors in transformers 5.x; guard the promise anyway

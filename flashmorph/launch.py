@@ -47,8 +47,9 @@ def run_stage(prepare, run) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # torch, DeepSpeed and the process group only once the recipe passed: a refusal stays a fraction of a second
+    from flashmorph.errors import Preempted
     from flashmorph.parallel.distributed import distributed_session
-    from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard
+    from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
 
     try:
         with distributed_session() as info, PreemptionGuard() as guard:

@@ -10,13 +10,10 @@ import dataclasses
 import enum
 import errno
 import fcntl
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,33 +22,53 @@ from typing import Any
 
 import yaml
 
-import flashmorph
-from flashmorph.checkpoint.atomic import atomic_write_text, list_checkpoints, verify
+from flashmorph.checkpoint.atomic import list_checkpoints, verify
 from flashmorph.errors import CheckpointError, ConfigError, FlashMorphError
+from flashmorph.io.atomic import atomic_write_text
+from flashmorph.versions import collect_versions
 
 logger = logging.getLogger(__name__)
 
+# every name in a run directory; code asks RunDir(path) for the paths instead of joining these itself
 CONFIG_NAME = "config.yaml"
 VERSIONS_NAME = "versions.json"
 LOG_NAME = "log.txt"
 CHECKPOINTS_DIR = "checkpoints"
 TB_DIR = "tb"
 LOCK_NAME = "run.lock"
+SUMMARY_NAME = "summary.json"  # written last by a stage: marks the run finished
+GATES_NAME = "gates.safetensors"  # gate search: learned gate values and layer scores
+HYBRID_NAME = "hybrid.json"  # the layout tools/discretize_gates.py writes (its --out; the docs put it here)
+TEACHER_DIR = "teacher"  # the embedded teacher (model.path null), a HF directory
+TEACHER_REPORT_NAME = "teacher_report.json"  # inside a teacher directory: written last, marks the teacher complete
+ADAPTER_DIR = "adapter"  # distill with trainable=lora: the LoRA adapter
+STUDENT_DIR = "student"  # distill with trainable=linear/full: the hybrid student, a HF directory
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory; the one place that knows its file names."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    config = property(lambda self: self.path / CONFIG_NAME)
+    versions = property(lambda self: self.path / VERSIONS_NAME)
+    log = property(lambda self: self.path / LOG_NAME)
+    lock = property(lambda self: self.path / LOCK_NAME)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS_DIR)
+    tb = property(lambda self: self.path / TB_DIR)
+    summary = property(lambda self: self.path / SUMMARY_NAME)
+    gates = property(lambda self: self.path / GATES_NAME)
+    hybrid = property(lambda self: self.path / HYBRID_NAME)
+    teacher = property(lambda self: self.path / TEACHER_DIR)
+    teacher_report = property(lambda self: self.path / TEACHER_DIR / TEACHER_REPORT_NAME)
+    adapter = property(lambda self: self.path / ADAPTER_DIR)
+    student = property(lambda self: self.path / STUDENT_DIR)
 
 _held_locks: dict[Path, int] = {}  # run dir -> open fd of its flock'ed run.lock, kept for the process lifetime
-
-# key in versions.json -> distribution name on the package index
-_TRACKED_PACKAGES = {
-    "torch": "torch",
-    "transformers": "transformers",
-    "deepspeed": "deepspeed",
-    "fla": "flash-linear-attention",
-    "fla-core": "fla-core",
-    "megatron-core": "megatron-core",
-    "datasets": "datasets",
-    "safetensors": "safetensors",
-    "peft": "peft",
-}
 
 
 def _to_plain(value: Any) -> Any:
@@ -110,7 +127,7 @@ def lock_run_dir(run_dir: str | os.PathLike) -> None:
     run_dir = Path(run_dir).expanduser().absolute()
     if run_dir in _held_locks:
         return
-    lock_path = run_dir / LOCK_NAME
+    lock_path = RunDir(run_dir).lock
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -144,44 +161,6 @@ def release_run_dir_lock(run_dir: str | os.PathLike) -> None:
         os.close(fd)  # closing the last descriptor of the open file releases the flock
 
 
-def _flashmorph_git_commit() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the flashmorph source checkout, or (None, None) when not run from a git checkout."""
-    source_root = Path(flashmorph.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(source_root), *args], capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        # an installed copy inside some other repository (e.g. a venv in a project) must not report that repo
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != source_root:
-            return None, None
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, dirty
-
-
-def collect_versions() -> dict[str, Any]:
-    """Python, flashmorph (version and git commit) and the versions of the packages a run depends on."""
-    versions: dict[str, Any] = {"python": platform.python_version(), "flashmorph": flashmorph.__version__}
-    commit, dirty = _flashmorph_git_commit()
-    versions["flashmorph_git_commit"] = commit
-    versions["flashmorph_git_dirty"] = dirty
-    for key, dist in _TRACKED_PACKAGES.items():
-        try:
-            versions[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[key] = "not installed"
-    torch = sys.modules.get("torch")  # only if already imported: recording versions must not import torch
-    if torch is not None:
-        versions["torch_cuda"] = getattr(torch.version, "cuda", None)
-    return versions
-
-
 def check_resume(path: str | os.PathLike, resume: bool, resume_from: int | None = None) -> None:
     """--resume needs an earlier run's directory: a mistyped run_dir must not quietly start a fresh run.
     --resume-from STEP (implies --resume) needs that step's checkpoint, complete (hashes are checked on resume)."""
@@ -192,12 +171,13 @@ def check_resume(path: str | os.PathLike, resume: bool, resume_from: int | None 
     if not run_dir.is_dir():
         raise FlashMorphError(f"--resume: run_dir {run_dir} does not exist, so there is nothing to resume; fix "
                               "run.run_dir, or drop --resume to start a new run")
-    found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
+    checkpoints = RunDir(run_dir).checkpoints
+    found = list_checkpoints(checkpoints)
     if resume_from is not None:
-        chosen = run_dir / CHECKPOINTS_DIR / f"step_{resume_from}"
+        chosen = checkpoints / f"step_{resume_from}"
         if chosen not in found:
             steps = ", ".join(p.name.removeprefix("step_") for p in found) or "none"
-            raise CheckpointError(f"--resume-from {resume_from}: {run_dir / CHECKPOINTS_DIR} holds no checkpoint of "
+            raise CheckpointError(f"--resume-from {resume_from}: {checkpoints} holds no checkpoint of "
                                   f"step {resume_from} (steps there: {steps}); pick one of them, or use --resume")
         try:
             verify(chosen, deep=False)
@@ -205,7 +185,7 @@ def check_resume(path: str | os.PathLike, resume: bool, resume_from: int | None 
             raise CheckpointError(f"--resume-from {resume_from}: {err}") from None
         return
     if found and not any(_complete(ckpt) for ckpt in found):  # sizes only here; hashes are checked on resume
-        raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS_DIR} is "
+        raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {checkpoints} is "
                               "complete (manifest missing or files truncated), so nothing was loaded or overwritten; "
                               "restore one, or start a new run in another run_dir")
 
@@ -229,7 +209,7 @@ def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, res
     check_resume(run_dir, resume)
     _create_writable_dir(run_dir)
     lock_run_dir(run_dir)
-    has_checkpoints = bool(list_checkpoints(run_dir / CHECKPOINTS_DIR))
+    has_checkpoints = bool(list_checkpoints(RunDir(run_dir).checkpoints))
     if has_checkpoints and not resume:
         raise FlashMorphError(
             f"run_dir {run_dir} already holds checkpoints; pass --resume to continue or choose a new run_dir"
@@ -241,14 +221,14 @@ def prepare_run_dir(path: str | os.PathLike, config_dict: dict[str, Any], *, res
         config_text = yaml.safe_dump(_to_plain(config_dict), sort_keys=False, default_flow_style=False)
     except yaml.YAMLError as e:
         raise ConfigError(f"resolved config cannot be written as YAML ({e}); config values must be plain data") from e
-    config_path = run_dir / CONFIG_NAME
+    config_path = RunDir(run_dir).config
     if resume and config_path.is_file():
         _warn_config_changes(config_path, yaml.safe_load(config_text))
 
-    (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
-    (run_dir / TB_DIR).mkdir(exist_ok=True)
+    RunDir(run_dir).checkpoints.mkdir(exist_ok=True)
+    RunDir(run_dir).tb.mkdir(exist_ok=True)
     atomic_write_text(config_path, config_text)
-    atomic_write_text(run_dir / VERSIONS_NAME, json.dumps(collect_versions(), indent=2) + "\n")
+    atomic_write_text(RunDir(run_dir).versions, json.dumps(collect_versions(), indent=2) + "\n")
     return run_dir
 
 
@@ -298,7 +278,7 @@ def setup_file_logging(run_dir: str | os.PathLike, rank: int, level: int = loggi
 
     log_path = None
     if rank == 0:
-        log_path = Path(run_dir) / LOG_NAME
+        log_path = RunDir(run_dir).log
         file_handler = _FileHandler(log_path, mode="a", encoding="utf-8")
         file_handler.setLevel(level)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

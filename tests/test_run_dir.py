@@ -12,7 +12,7 @@ import yaml
 import flashmorph
 from flashmorph.checkpoint.atomic import finalize, prepare_staging
 from flashmorph.errors import FlashMorphError
-from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.run_dir import RunDir, prepare_run_dir, setup_file_logging
 
 CONFIG = {"stage": "gate_search", "model": {"path": "/models/llama", "layers": 4}, "lr": 0.05, "seq_lens": [512, 1024]}
 
@@ -37,6 +37,22 @@ def test_creates_layout_config_and_versions(tmp_path):
     assert versions["flashmorph_git_commit"] is None or len(versions["flashmorph_git_commit"]) == 40
     assert "hostname" not in versions and os.uname().nodename not in json.dumps(versions)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp or probe files left
+
+
+def test_run_dir_names_every_file_of_a_run(tmp_path):
+    run = RunDir(str(tmp_path))  # a str is taken as a path
+    assert run.path == tmp_path
+    assert {name: getattr(run, name).relative_to(tmp_path).as_posix() for name in (
+        "config", "versions", "log", "lock", "checkpoints", "tb", "summary", "gates", "hybrid", "teacher",
+        "teacher_report", "adapter", "student")} == {
+        "config": "config.yaml", "versions": "versions.json", "log": "log.txt", "lock": "run.lock",
+        "checkpoints": "checkpoints", "tb": "tb", "summary": "summary.json", "gates": "gates.safetensors",
+        "hybrid": "hybrid.json", "teacher": "teacher", "teacher_report": "teacher/teacher_report.json",
+        "adapter": "adapter", "student": "student"}
+    run_dir = prepare_run_dir(tmp_path / "a", CONFIG, resume=False)
+    written = RunDir(run_dir)
+    assert written.config.is_file() and written.versions.is_file()
+    assert written.checkpoints.is_dir() and written.tb.is_dir()
 
 
 def test_config_dataclasses_and_paths_become_plain_yaml(tmp_path):
@@ -138,7 +154,7 @@ def test_git_commit_recorded_only_for_a_checkout_of_flashmorph(tmp_path, monkeyp
     import shutil
     import subprocess
 
-    from flashmorph import run_dir as run_dir_module
+    from flashmorph import versions
 
     if shutil.which("git") is None:
         pytest.skip("git not installed")
@@ -152,12 +168,12 @@ def test_git_commit_recorded_only_for_a_checkout_of_flashmorph(tmp_path, monkeyp
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
     monkeypatch.setattr(flashmorph, "__file__", str(src / "flashmorph" / "__init__.py"))
-    assert run_dir_module._flashmorph_git_commit() == (head, False)
+    assert versions._flashmorph_git_commit() == (head, False)
     (src / "flashmorph" / "__init__.py").write_text("x = 1\n")
-    assert run_dir_module._flashmorph_git_commit() == (head, True)
+    assert versions._flashmorph_git_commit() == (head, True)
 
     # a copy installed somewhere inside another repository (e.g. a venv) must not report that repository
     nested = src / "venv" / "site-packages" / "flashmorph"
     nested.mkdir(parents=True)
     monkeypatch.setattr(flashmorph, "__file__", str(nested / "__init__.py"))
-    assert run_dir_module._flashmorph_git_commit() == (None, None)
+    assert versions._flashmorph_git_commit() == (None, None)

@@ -19,6 +19,7 @@ from pathlib import Path
 from flashmorph.cli_args import ArgumentParser, run_tool
 from flashmorph.errors import ConfigError
 from flashmorph.parallel.quiet import quiet_third_party
+from flashmorph.run_dir import RunDir
 
 METHODS = ("gates", "threshold", "periodic", "leave_one_out", "kl", "nll", "random")
 GATE_METHODS = ("gates", "threshold")
@@ -133,7 +134,7 @@ def check_args(args) -> dict:
         if args.model is not None:
             recipe.model.path = args.model
         elif recipe.model.path is None and method in SCORED_BASELINES:
-            teacher = Path(recipe.run.run_dir) / "teacher"
+            teacher = RunDir(recipe.run.run_dir).teacher
             if not (teacher / "config.json").is_file():
                 raise ConfigError(f"--recipe {args.recipe} has model.path null and {teacher} holds no model; "
                                   "run gate search first or pass --model DIR")
@@ -164,7 +165,7 @@ def _load_compared(paths: list[str]) -> dict:
 
 def _run_budget(args) -> tuple[int | float, str]:
     """The budget gate search used: search.budget in the run's config.yaml, next to --gates."""
-    run_config = Path(args.gates).parent / "config.yaml" if args.gates else None
+    run_config = RunDir(Path(args.gates).parent).config if args.gates else None
     if run_config is None or not run_config.is_file():
         raise ConfigError("--budget is required (no gate search config.yaml next to --gates to take "
                           "search.budget from)")

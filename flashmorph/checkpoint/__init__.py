@@ -1,16 +1,12 @@
-"""Checkpointing: atomic, manifest-verified `step_N` directories and atomic single-file writes."""
+"""Checkpointing: atomic, manifest-verified `step_N` directories (single files: flashmorph.io.atomic) and reshard."""
 
 from flashmorph.checkpoint.atomic import (
     MANIFEST_NAME,
-    atomic_save_safetensors,
-    atomic_write_bytes,
-    atomic_write_text,
     checkpoint_dir,
     checkpoint_step,
     finalize,
     latest_complete,
     list_checkpoints,
-    load_safetensors_verified,
     prepare_staging,
     prune,
     read_manifest,
@@ -21,15 +17,11 @@ from flashmorph.checkpoint.atomic import (
 
 __all__ = [
     "MANIFEST_NAME",
-    "atomic_save_safetensors",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "checkpoint_dir",
     "checkpoint_step",
     "finalize",
     "latest_complete",
     "list_checkpoints",
-    "load_safetensors_verified",
     "prepare_staging",
     "prune",
     "read_manifest",

@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoint directories (`checkpoints/step_N/` with a manifest) and atomic single files.
+"""Atomic, verified checkpoint directories (`checkpoints/step_N/` with a manifest); single files: flashmorph.io.atomic.
 
 A checkpoint is written into `checkpoints/.tmp-step_N/` by any number of ranks, then rank 0 hashes every
 file into `manifest.json` and renames the directory to `step_N`: a `step_N` directory either is complete
@@ -15,24 +15,27 @@ Typical use, with barriers done by the caller:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fnmatch
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from flashmorph import __version__
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.io.atomic import (
+    fsync_dir,
+    hash_and_fsync,
+    is_storage_error,
+    sha256_file,
+    storage_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +45,7 @@ _STEP_DIR = re.compile(r"^step_(0|[1-9][0-9]*)$")
 _STAGING_PREFIX = ".tmp-"
 _REPLACED_PREFIX = ".old-"  # a step_N being replaced, moved aside until the new one is in place
 _DELETING_PREFIX = ".del-"  # a pruned step_N, moved aside so a crash mid-delete leaves no half step_N
-_HASH_CHUNK = 8 << 20
 _HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL, so threads overlap I/O and hashing
-# errnos that mean "this filesystem will not take the write": reported as one CheckpointError, never a traceback
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-_STORAGE_FIX = "free space there, fix its permissions, or point run.run_dir at another filesystem"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,188 +77,6 @@ def checkpoint_step(ckpt_dir: str | os.PathLike) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Storage failures
-
-
-def is_storage_error(err: BaseException) -> bool:
-    """A write refused by the filesystem: full disk or quota, read-only, permission denied."""
-    return isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS
-
-
-def _free_space(path: Path) -> str:
-    for candidate in (path, *path.parents):  # the path itself may be what could not be created
-        try:
-            free = shutil.disk_usage(candidate).free
-        except OSError:
-            continue
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if free < 1024 or unit == "TiB":
-                return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-            free /= 1024
-    return "unknown space"
-
-
-def storage_error(err: BaseException, what: str, path: str | os.PathLike, outcome: str = "") -> CheckpointError:
-    """One line for a failed write of `what` at `path`: the reason, the free space left there, the fix, `outcome`."""
-    path = Path(path)
-    if isinstance(err, OSError) and err.errno is not None:
-        reason = err.strerror or os.strerror(err.errno)
-    else:  # torch.save reports a full disk as RuntimeError("... file write failed"), with no errno
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        reason = lines[0][:200]
-    tail = f"; {outcome}" if outcome else ""
-    return CheckpointError(f"cannot write {what} to {path} ({reason}; {_free_space(path)} free there); "
-                           f"{_STORAGE_FIX}{tail}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Durability primitives
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (new, renamed or removed names) on POSIX; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # e.g. Windows cannot open directories
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and Windows) refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _stream_sha256(f) -> str:
-    """sha256 of an open binary file, read in 8 MiB chunks (hashlib.file_digest needs Python 3.11)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_HASH_CHUNK)
-    view = memoryview(buffer)
-    while n := f.readinto(buffer):
-        digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def _hash_and_fsync(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file; also fsyncs it, since the ranks that wrote it may not have."""
-    with open(path, "rb", buffering=0) as f:
-        digest = _stream_sha256(f)
-        size = os.fstat(f.fileno()).st_size
-        os.fsync(f.fileno())
-    return size, digest
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb", buffering=0) as f:
-        return _stream_sha256(f)
-
-
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success fsync it and rename it over `path`, else remove it."""
-    path = Path(path)
-    outcome = f"the previous {path.name}, if any, is unchanged"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        if is_storage_error(e):
-            raise storage_error(e, path.name, path.parent, outcome) from e
-        raise
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates 0600 (and writers may recreate the file): keep the old file's mode, else 0644
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if is_storage_error(e):
-            raise storage_error(e, path.name, path.parent, outcome) from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
-    with _atomic_target(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """`atomic_write_bytes` for text (config.yaml, hybrid.json, ...)."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Save a dict of tensors as safetensors atomically (e.g. gates.safetensors); metadata values must be str.
-    Equal tensors and metadata give equal bytes (see `_sort_safetensors_metadata`)."""
-    from safetensors.torch import save_file
-
-    with _atomic_target(path) as tmp:
-        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
-        if metadata and len(metadata) > 1:
-            _sort_safetensors_metadata(tmp)
-    return Path(path)
-
-
-def _sort_safetensors_metadata(path: Path) -> None:
-    """Rewrite the header of a safetensors file with its metadata keys sorted, in place.
-
-    safetensors keeps metadata in a Rust HashMap, so its key order (and the file's bytes) changes from process to
-    process. The sorted header holds the same keys and values, so it is as long as the original, and the tensor
-    data and offsets (relative to the end of the header) stay where they are; the format allows padding the header
-    with spaces, should the JSON come out shorter.
-    """
-    with open(path, "r+b") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        metadata = header.pop("__metadata__")
-        text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"),
-                          ensure_ascii=False).encode()
-        if len(text) > header_len:  # never with safetensors' own serializer; keep its valid, unsorted header
-            logger.debug("kept the unsorted metadata of %s (sorted header %d > %d bytes)", path, len(text), header_len)
-            return
-        f.seek(8)
-        f.write(text.ljust(header_len, b" "))
-
-
-def load_safetensors_verified(path: str | os.PathLike, *, device: str = "cpu", with_metadata: bool = False):
-    """Load a safetensors file; a missing, truncated or malformed file becomes a one-line `CheckpointError`.
-
-    safetensors checks the header and that every tensor lies inside the file, which catches truncation;
-    flipped bits inside tensor data are only caught by a manifest hash (`verify(deep=True)`).
-    Returns the tensors, or `(tensors, metadata)` with `with_metadata=True`.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"safetensors file {path} does not exist")
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt", device=device) as f:
-            metadata = f.metadata() or {}
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    except Exception as e:  # safetensors raises SafetensorError, OSError or RuntimeError depending on the damage
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"corrupted or truncated safetensors file {path} ({reason}); restore it from an earlier checkpoint"
-        ) from e
-    return (tensors, metadata) if with_metadata else tensors
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Checkpoint directories
 
 
@@ -276,7 +93,7 @@ def prepare_staging(checkpoints_root: str | os.PathLike, step: int) -> Path:
             raise storage_error(e, f"checkpoint step {step}", staging,
                                 "earlier checkpoints are intact") from e
         raise
-    _fsync_dir(staging.parent)
+    fsync_dir(staging.parent)
     return staging
 
 
@@ -328,7 +145,7 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
     if not rel_paths:
         raise CheckpointError(f"staging dir {staging} is empty; no rank wrote {what}")
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        results = list(pool.map(lambda rel: _hash_and_fsync(staging / rel), rel_paths))
+        results = list(pool.map(lambda rel: hash_and_fsync(staging / rel), rel_paths))
     manifest = {
         "format": MANIFEST_FORMAT,
         "step": step,
@@ -350,7 +167,7 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
         raise storage_error(e, f"the manifest of {what}", staging,
                             f"{final.name} was not written; earlier checkpoints are intact") from e
     for dirpath, _dirnames, _filenames in os.walk(staging, topdown=False):
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
     if final.exists():
         aside = root / f"{_REPLACED_PREFIX}{final.name}"
@@ -359,11 +176,11 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
         logger.warning("replacing existing checkpoint %s", final)
         os.rename(final, aside)
         os.rename(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(aside)
     else:
         os.rename(staging, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     logger.info("saved checkpoint %s (%d files, %d bytes)", final, len(rel_paths), sum(s for s, _ in results))
     return final
 
@@ -425,7 +242,7 @@ def verify(ckpt_dir: str | os.PathLike, deep: bool = True, allow_extra: Iterable
             )
     if deep:
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            digests = list(pool.map(lambda e: _sha256(ckpt_dir / e["path"]), entries))
+            digests = list(pool.map(lambda e: sha256_file(ckpt_dir / e["path"]), entries))
         for entry, digest in zip(entries, digests):
             if digest != entry["sha256"]:
                 raise CheckpointError(
@@ -479,7 +296,7 @@ def prune(checkpoints_root: str | os.PathLike, keep_last: int, allow_extra: Iter
         if doomed.exists():
             shutil.rmtree(doomed)
         os.rename(ckpt, doomed)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(doomed)
         deleted.append(ckpt)
         logger.info("pruned checkpoint %s", ckpt)

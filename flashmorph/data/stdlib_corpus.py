@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.errors import ConfigError
+from flashmorph.io.atomic import atomic_write_text
 
 SPLITS = ("train", "eval")
 EVAL_BUCKETS = 10  # crc32(name) % 10 == 0 goes to eval: ~10% of the modules, disjoint from train

@@ -9,8 +9,8 @@ import json
 import sysconfig
 from pathlib import Path
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.errors import ConfigError
+from flashmorph.io.atomic import atomic_write_text
 
 # pure-Python modules with rich docstrings, small enough that parsing all of them takes ~0.2 s
 TOY_MODULES = (

@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.errors import FlashMorphError
+from flashmorph.io.atomic import atomic_write_text
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

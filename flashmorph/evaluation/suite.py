@@ -80,7 +80,7 @@ def _retrieval_data(cfg: EvaluationConfig, model_config: dict):
 
 def run_evaluation(cfg: EvaluationConfig) -> dict:
     """Evaluate `cfg.model`; returns the results and, if cfg.out is set, writes results.json and results.md."""
-    from flashmorph.run_dir import collect_versions
+    from flashmorph.versions import collect_versions
 
     prepared = prepare(cfg)
     start = time.perf_counter()

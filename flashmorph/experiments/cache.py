@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from flashmorph.checkpoint.atomic import atomic_write_text
+from flashmorph.io.atomic import atomic_write_text
 
 PARTS_DIR = "parts"
 

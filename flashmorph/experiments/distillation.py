@@ -7,7 +7,6 @@ import shutil
 
 import torch
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.config import ModelConfig, ParallelConfig, RunConfig
 from flashmorph.data.text_config import TextDataConfig
 from flashmorph.distill_config import DistillRecipe, StudentConfig
@@ -15,6 +14,8 @@ from flashmorph.evaluation.loading import load_eval_model
 from flashmorph.experiments.bench import Bench, text_corpus
 from flashmorph.experiments.cache import Deadline
 from flashmorph.experiments.timing import timed
+from flashmorph.io.atomic import atomic_write_text
+from flashmorph.run_dir import RunDir
 from flashmorph.stages.distill import run_distill
 
 RESULT = "result.json"
@@ -52,7 +53,7 @@ def distill_one(bench: Bench, info, key: str, layout_path: str, full_layers: lis
            "kl_first": result.kl_history[0], "kl_last": result.kl_history[-1], "seconds": wall["seconds"],
            "evaluation": evaluation}
     atomic_write_text(run_dir / RESULT, json.dumps(out))
-    shutil.rmtree(run_dir / "student", ignore_errors=True)  # evaluated; the exported copy is only disk now
+    shutil.rmtree(RunDir(run_dir).student, ignore_errors=True)  # evaluated; the exported copy is only disk now
     return out
 
 

@@ -6,12 +6,12 @@ import json
 import statistics
 from pathlib import Path
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.experiments.bench import layout_key
 from flashmorph.experiments.cache import PartCache
 from flashmorph.experiments.config import ExperimentConfig, layer_budgets
 from flashmorph.experiments.metrics import competition_rank, distribution_summary, spearman
 from flashmorph.experiments.runner import PARTS
+from flashmorph.io.atomic import atomic_write_text
 from flashmorph.model.shape import ModelShape
 
 RESULTS = "results.json"
@@ -19,7 +19,7 @@ REPORT = "report.md"
 
 
 def _versions() -> dict:
-    from flashmorph.run_dir import collect_versions
+    from flashmorph.versions import collect_versions
 
     return collect_versions()
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.errors import ConfigError
 from flashmorph.experiments.bench import Bench
 from flashmorph.experiments.cache import Deadline, PartCache
 from flashmorph.experiments.config import ExperimentConfig, layer_budgets
 from flashmorph.experiments.timing import timed
+from flashmorph.io.atomic import atomic_write_text
 from flashmorph.model.shape import ModelShape
+from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir
 
 log = logging.getLogger(__name__)
 PARTS = ("teacher", "search", "baselines", "evaluate", "exhaustive", "cost", "distill", "ablations")
@@ -51,12 +52,12 @@ def check_out_dir(cfg: ExperimentConfig) -> None:
 def resolve_teacher(cfg: ExperimentConfig, run_teacher: bool, show_progress: bool) -> tuple[Path, dict]:
     """The teacher directory and its report; trains it (part "teacher") when no teacher_dir is given."""
     if cfg.teacher_dir is not None:
-        report_file = Path(cfg.teacher_dir) / "teacher_report.json"
+        report_file = Path(cfg.teacher_dir) / TEACHER_REPORT_NAME
         return Path(cfg.teacher_dir), json.loads(report_file.read_text()) if report_file.is_file() else {}
-    from flashmorph.stages.teacher import REPORT, require_teacher, train_teacher
+    from flashmorph.stages.teacher import require_teacher, train_teacher
 
-    teacher_dir = Path(cfg.out_dir) / "teacher"
-    if not (teacher_dir / REPORT).is_file() and not run_teacher:
+    teacher_dir = RunDir(cfg.out_dir).teacher  # an experiment directory keeps its teacher where a run does
+    if not (teacher_dir / TEACHER_REPORT_NAME).is_file() and not run_teacher:
         raise ConfigError(f"no trained teacher in {teacher_dir}; run --only teacher first (or set teacher_dir)")
     print(f"[selection] teacher: {cfg.teacher.num_layers} layers, hidden {cfg.teacher.hidden_size}", flush=True)
     report = train_teacher(cfg.teacher, teacher_dir, show_progress=show_progress)

@@ -6,13 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.config import GateSearchRecipe, ModelConfig, ParallelConfig, RunConfig
 from flashmorph.experiments.bench import Bench
 from flashmorph.experiments.metrics import search_cost
 from flashmorph.experiments.timing import timed
+from flashmorph.io.atomic import atomic_write_text
+from flashmorph.run_dir import RunDir
 from flashmorph.selection.discretize import load_gate_file
-from flashmorph.stages.gate_search import GATES_FILE, run_gate_search
+from flashmorph.stages.gate_search import run_gate_search
 
 RESULT = "result.json"
 
@@ -61,8 +62,8 @@ def run_search(bench: Bench, info, name: str, reg_weight: float | None = None, g
     print(f"[selection] gate search {name}: {recipe.search.steps} steps", flush=True)
     with timed(bench.device) as wall:
         run_gate_search(recipe, info, show_progress=False, dataset=dataset)
-    gates = load_gate_file(run_dir / GATES_FILE)
-    history = gate_history(run_dir / "tb", bench.num_layers)
+    gates = load_gate_file(RunDir(run_dir).gates)
+    history = gate_history(RunDir(run_dir).tb, bench.num_layers)
     search = recipe.search
     result = {
         "name": name,
@@ -72,7 +73,7 @@ def run_search(bench: Bench, info, name: str, reg_weight: float | None = None, g
                      "text_weight": text_weight},
         "gate_values": gates.gate_values.tolist(),
         "layer_scores": gates.layer_scores.tolist(),
-        "final_accuracy": json.loads((run_dir / "summary.json").read_text())["final_retrieval_accuracy"],
+        "final_accuracy": json.loads(RunDir(run_dir).summary.read_text())["final_retrieval_accuracy"],
         "history": history,
         # cost of the search itself: the sum of its step times (model loading and engine setup excluded, as for the
         # scoring baselines); wall_seconds is the whole stage call for reference

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from flashmorph.errors import ConfigError
 
+DTYPES = ("float32", "bfloat16", "float16")  # the recipe's model.dtype names (torch dtypes: model.load)
 LINEAR_BACKENDS = ("auto", "naive", "fla")
 QK_SOURCES = ("pre_rope", "post_rope")
 SOFTMAX_IMPLS = ("sdpa", "eager")

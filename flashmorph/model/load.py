@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from flashmorph.config import DTYPES
+from flashmorph.model.config import DTYPES
 from flashmorph.model.families import SUPPORTED_MODEL_TYPES  # noqa: F401 (re-exported: the one families table)
 from flashmorph.model.hf_dir import validate_model_dir
 

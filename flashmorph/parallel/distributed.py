@@ -111,8 +111,7 @@ def run_on_main(fn, info: DistInfo):
     """Run `fn()` on rank 0 only, then barrier. A FlashMorphError or a preemption there is raised on every rank (same
     type, same message), so a bad run directory, a failed teacher or a SIGTERM stops the whole job instead of leaving
     the other ranks at a barrier."""
-    from flashmorph.errors import FlashMorphError
-    from flashmorph.training.preemption import Preempted
+    from flashmorph.errors import FlashMorphError, Preempted
 
     result, error = None, None
     if info.is_main:

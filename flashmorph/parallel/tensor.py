@@ -1,6 +1,6 @@
 """Tensor parallelism for HF Llama/Qwen2/Qwen3/Mistral models: megatron-core's column/row-parallel linears are swapped
-into every decoder layer's projections and filled with this rank's slice, cut by reshard's TP rules
-(`flashmorph.checkpoint.reshard.adapter`) from the loaded weights or read from TP shard files."""
+into every decoder layer's projections and filled with this rank's slice, cut by the TP rules
+(`flashmorph.parallel.tp_rules`) from the loaded weights or read from TP shard files."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-from flashmorph.checkpoint.reshard import adapter
-from flashmorph.checkpoint.reshard.safetensors_io import SafetensorsFile
-from flashmorph.checkpoint.reshard.tp import TPSource
 from flashmorph.errors import CheckpointError, ConfigError, FlashMorphError
+from flashmorph.io.safetensors import SafetensorsFile
 from flashmorph.model.morph import attention_modules
 from flashmorph.model.shape import ModelShape
+from flashmorph.parallel import tp_rules
 from flashmorph.parallel.layout import check_layout
 from flashmorph.parallel.mesh import Mesh
+from flashmorph.parallel.tp_shards import TPSource
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,14 @@ def _parallel_linear(kind: str, old: nn.Linear, mesh: Mesh) -> nn.Module:
                                  perform_initialization=False, params_dtype=old.weight.dtype)
     common = dict(config=config, init_method=_no_init, bias=old.bias is not None, skip_bias_add=False,
                   tp_group=mesh.tp_group)
-    if kind == adapter.COLUMN:
+    if kind == tp_rules.COLUMN:
         layer = HFColumnParallelLinear(old.in_features, old.out_features, gather_output=False, **common)
     else:
         layer = HFRowParallelLinear(old.in_features, old.out_features, input_is_parallel=True, **common)
     # perform_initialization=False skips the call that tags TP weights; DeepSpeed's grad norm (clipping) counts a
     # weight on every TP rank only when it carries these attributes, otherwise on TP rank 0 alone
     if not hasattr(layer.weight, "tensor_model_parallel"):
-        set_tensor_model_parallel_attributes(layer.weight, True, 0 if kind == adapter.COLUMN else 1, 1)
+        set_tensor_model_parallel_attributes(layer.weight, True, 0 if kind == tp_rules.COLUMN else 1, 1)
     layer.to(old.weight.device)
     for name, param in layer.named_parameters():
         param.requires_grad_(getattr(old, name).requires_grad)
@@ -150,7 +150,7 @@ def apply_tensor_parallel(lm: nn.Module, mesh: Mesh, shards: str | Path | None =
     if tp > 1:
         prefix = _layers_prefix(lm, layers)
         for idx, layer in enumerate(layers):
-            for kind, paths in ((adapter.COLUMN, COLUMN_PROJECTIONS), (adapter.ROW, ROW_PROJECTIONS)):
+            for kind, paths in ((tp_rules.COLUMN, COLUMN_PROJECTIONS), (tp_rules.ROW, ROW_PROJECTIONS)):
                 for path in paths:
                     parent, leaf = _submodule(layer, path)
                     old = getattr(parent, leaf)
@@ -180,15 +180,15 @@ def _copy_slices(new: nn.Module, old: nn.Linear, module_name: str, shape: ModelS
     for leaf, param in new.named_parameters():
         name = f"{module_name}.{leaf}"
         full = getattr(old, leaf).detach()
-        rule = adapter.tp_rule(name)
-        adapter.check_split_shape(name, tuple(full.shape), rule, shape, tp)
+        rule = tp_rules.tp_rule(name)
+        tp_rules.check_split_shape(name, tuple(full.shape), rule, shape, tp)
         with torch.no_grad():
-            param.copy_(adapter.split_for_tp(full, rule, tp)[tp_rank])
+            param.copy_(tp_rules.split_for_tp(full, rule, tp)[tp_rank])
 
 
-def _local_rule(rule: adapter.TPRule, tp: int) -> bool:
+def _local_rule(rule: tp_rules.TPRule, tp: int) -> bool:
     """Whether this process holds a slice (not the whole tensor) of a weight split by `rule`."""
-    return tp > 1 and rule.kind in (adapter.COLUMN, adapter.ROW)
+    return tp > 1 and rule.kind in (tp_rules.COLUMN, tp_rules.ROW)
 
 
 def load_tensor_parallel_shards(lm: nn.Module, shards: str | Path, tp: int, tp_rank: int) -> None:
@@ -207,13 +207,13 @@ def load_tensor_parallel_shards(lm: nn.Module, shards: str | Path, tp: int, tp_r
         what = f"lack {missing[0]}" if missing else f"hold {extra[0]}, which the model lacks"
         raise CheckpointError(f"the TP shards in {shards} {what}; they were written for another model")
     for name, target in targets.items():
-        rule = adapter.tp_rule(name)
+        rule = tp_rules.tp_rule(name)
         if not _local_rule(rule, tp):
             value = source.get(name)  # replicated, or vocab-split in the files and replicated here: merged
         elif own_file is not None:
-            value = own_file.get(adapter.hf_to_tp_name(name))
+            value = own_file.get(tp_rules.hf_to_tp_name(name))
         else:
-            value = adapter.split_for_tp(source.get(name), rule, tp)[tp_rank]
+            value = tp_rules.split_for_tp(source.get(name), rule, tp)[tp_rank]
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"{name} in {shards} gives TP rank {tp_rank} of {tp} a {list(value.shape)} "
                                   f"slice, the model holds {list(target.shape)}; shards of another model")
@@ -228,12 +228,12 @@ def tensor_parallel_state(lm: nn.Module) -> TensorParallelState | None:
 
 def gather_tensor_parallel(name: str, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """The full HF tensor `name` (a weight or its gradient) from every TP rank's slice (collective over TP)."""
-    rule = adapter.tp_rule(name)
+    rule = tp_rules.tp_rule(name)
     if not _local_rule(rule, mesh.tp_size):
         return local
     pieces = [torch.empty_like(local) for _ in range(mesh.tp_size)]
     dist.all_gather(pieces, local.contiguous(), group=mesh.tp_group)
-    return adapter.merge_from_tp(pieces, rule, name)
+    return tp_rules.merge_from_tp(pieces, rule, name)
 
 
 def gather_tensor_parallel_state(lm: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:

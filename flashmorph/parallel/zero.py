@@ -122,9 +122,9 @@ def save_engine_checkpoint(engine, directory: Path, client_state: dict) -> None:
 def load_engine_checkpoint(engine, directory: Path) -> dict:
     """Restore trainable weights, optimizer and scheduler state; returns the client state.
 
-    DeepSpeed's loads run with weights_only forced on (checkpoint.safe_load): a file that asks to build anything but
+    DeepSpeed's loads run with weights_only forced on (io.safe_load): a file that asks to build anything but
     tensors and the allow-listed DeepSpeed types is refused, never executed."""
-    from flashmorph.checkpoint.safe_load import is_refused_pickle, refused_pickle_error, weights_only_loads
+    from flashmorph.io.safe_load import is_refused_pickle, refused_pickle_error, weights_only_loads
 
     try:
         with weights_only_loads():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from flashmorph.checkpoint.atomic import load_safetensors_verified
 from flashmorph.config import resolve_budget
 from flashmorph.errors import ConfigError
+from flashmorph.io.atomic import load_safetensors_verified
 from flashmorph.selection.layout import HybridLayout, SelectionCost, layout_from_full_layers
 
 

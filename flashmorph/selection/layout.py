@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashmorph.checkpoint.atomic import atomic_write_text
 from flashmorph.errors import ConfigError
+from flashmorph.io.atomic import atomic_write_text
 
 LAYOUT_FORMAT = "flashmorph.hybrid/1"
 LAYER_TYPES = ("full", "linear")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from flashmorph.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from flashmorph.errors import ConfigError
+from flashmorph.io.atomic import atomic_write_bytes, atomic_write_text
 from flashmorph.selection.discretize import threshold_indices, top_k_indices
 from flashmorph.selection.layout import HybridLayout
 

@@ -22,24 +22,24 @@ from flashmorph.data.length_schedule import LengthSchedule
 from flashmorph.data.mixture import text_retrieval_mixture
 from flashmorph.data.packed_text import PackedTextDataset
 from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
+from flashmorph.errors import Preempted
+from flashmorph.io import atomic as io_atomic
 from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import apply_layer_modes
 from flashmorph.parallel import distributed, zero
 from flashmorph.parallel.layout import layout_from_config
 from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
-from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.run_dir import RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training import lora
 from flashmorph.training.batches import sample_indices
 from flashmorph.training.bad_steps import BadStepCounter, any_rank_nonfinite, check_step_applied, poison
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
 from flashmorph.training.distill_model import DistillModel, base_lm
-from flashmorph.training.preemption import Preempted, PreemptionGuard
+from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"
-STUDENT_DIR = "student"
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _student_source(recipe: DistillRecipe) -> Path:
     """Full/linear finetunes continue from a previous run's exported student; LoRA always starts from the base."""
     init_from = recipe.student.init_from
     if init_from is not None and recipe.distill.trainable != "lora":
-        return Path(init_from) / STUDENT_DIR
+        return RunDir(init_from).student
     return Path(recipe.model.path)
 
 
@@ -92,7 +92,7 @@ def build_distill_model(recipe: DistillRecipe, ds_config: dict, mesh: Mesh) -> t
         student = lora.add_lora(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                                 layers=linear_layers if cfg.lora_linear_layers_only else None)
         if recipe.student.init_from is not None:
-            lora.load_adapter(student, Path(recipe.student.init_from) / ADAPTER_DIR)
+            lora.load_adapter(student, RunDir(recipe.student.init_from).adapter)
     elif cfg.trainable == "linear":
         for idx in linear_layers:
             attn = student.model.layers[idx].self_attn
@@ -186,7 +186,7 @@ def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, p
     log.info("%s: %d trainable parameters (%s), layout tp=%d sp=%d dp=%d", stage, n_trainable, cfg.trainable,
              mesh.layout.tensor, mesh.layout.sequence, dp_size)
 
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     state = resume_checkpoint(engine, root, info, resume_from) if resume else None
     start_step = state["step"] if state else 0
     total_steps = schedule.total_steps
@@ -194,7 +194,7 @@ def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, p
     # DeepSpeed divides each micro loss by accum and averages gradients over the SP x DP ranks that hold the same
     # weights (mesh.grad_divisor); this scale turns per-rank token sums into the step's mean per token
     grad_average = mesh.grad_divisor
-    writer = MetricsWriter(run_dir / "tb", enabled=info.is_main)
+    writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
     bar = tqdm(total=total_steps, initial=start_step, desc=stage, disable=not (info.is_main and show_progress))
     kl_history: list[float] = []
     bad_steps = BadStepCounter(stage, cfg.max_bad_steps, "distill.max_bad_steps")
@@ -273,10 +273,10 @@ def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl
         if info.is_main:
             cfg = recipe.distill
             if cfg.trainable == "lora":
-                lora.save_adapter(model.student, state, run_dir / ADAPTER_DIR)
+                lora.save_adapter(model.student, state, RunDir(run_dir).adapter)
                 state = lora.merge_lora_state(state, cfg.lora_alpha / cfg.lora_rank)
             lm = _materialize(base_lm(model.student), state)
-            student_dir = save_hybrid(lm, run_dir / STUDENT_DIR, force=True, tokenizer_from=recipe.model.path)
+            student_dir = save_hybrid(lm, RunDir(run_dir).student, force=True, tokenizer_from=recipe.model.path)
     if info.is_main:
         summary = {
             "stage": stage,
@@ -292,7 +292,7 @@ def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl
             "resumed": resumed,
             "skipped_nonfinite_steps": skipped_steps,
         }
-        atomic.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        io_atomic.atomic_write_text(RunDir(run_dir).summary, json.dumps(summary, indent=2))
         for seq_len, (first, last) in kl_by_length.items():
             print(f"{stage}: KL per token at {seq_len} tokens: {first:.4f} (first step) -> {last:.4f} (last step)",
                   flush=True)

@@ -13,20 +13,21 @@ from flashmorph.checkpoint import atomic
 from flashmorph.config import GateSearchRecipe, num_full_layers, validate_recipe
 from flashmorph.data import RetrievalDataset
 from flashmorph.data.from_model import data_for_model
+from flashmorph.errors import Preempted
+from flashmorph.io import atomic as io_atomic
 from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
-from flashmorph.run_dir import prepare_run_dir, setup_file_logging
+from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
 from flashmorph.telemetry import MetricsWriter
 from flashmorph.training.bad_steps import BadStepCounter, any_rank_nonfinite, check_step_applied, poison
 from flashmorph.training.batches import sample_indices
 from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
-from flashmorph.training.preemption import Preempted, PreemptionGuard
+from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
-GATES_FILE = "gates.safetensors"
 WEAK_TEACHER_RECALL = 0.5
 
 
@@ -60,9 +61,9 @@ def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info, show_progr
                        preemption: PreemptionGuard | None) -> tuple[Path, dict | None]:
     if recipe.model.path is not None:
         return Path(recipe.model.path), None
-    teacher_dir = run_dir / "teacher"
+    teacher_dir = RunDir(run_dir).teacher
     distributed.run_on_main(lambda: train_teacher(recipe.teacher, teacher_dir, show_progress, preemption), info)
-    report = json.loads((teacher_dir / "teacher_report.json").read_text())
+    report = json.loads((teacher_dir / TEACHER_REPORT_NAME).read_text())
     require_teacher(report, recipe.teacher, teacher_dir)  # TeacherNotReady (exit 3) before any gate is trained
     return teacher_dir, report
 
@@ -115,14 +116,14 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
     engine.train()
 
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     start_step, accuracy, resumed = _resume(engine, root, info, resume_from) if resume else (0, float("nan"), None)
 
     num_layers = shape.num_layers
     k = num_full_layers(search.budget, num_layers)
     budget_fraction = k / num_layers
     accum, world = search.grad_accum_steps, info.world_size
-    writer = MetricsWriter(run_dir / "tb", enabled=info.is_main)
+    writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
     bar = tqdm(total=search.steps, initial=start_step, desc="gate search", disable=not (info.is_main and show_progress))
     bad_steps = BadStepCounter("gate search", search.max_bad_steps, "search.max_bad_steps")
     for step in range(start_step, search.steps):
@@ -198,9 +199,9 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
     metadata = {"granularity": recipe.morph.gate_granularity, "num_layers": str(len(result.layer_scores)),
                 "steps": str(recipe.search.steps), "model": str(model_dir)}
     # clone: for per-layer gates both tensors view the same storage, which safetensors refuses to write
-    atomic.atomic_save_safetensors({"gate_values": result.gate_values.detach().clone().contiguous(),
-                                    "layer_scores": result.layer_scores.detach().clone().contiguous()},
-                                   result.run_dir / GATES_FILE, metadata=metadata)
+    io_atomic.atomic_save_safetensors({"gate_values": result.gate_values.detach().clone().contiguous(),
+                                       "layer_scores": result.layer_scores.detach().clone().contiguous()},
+                                      RunDir(result.run_dir).gates, metadata=metadata)
     ranking = torch.sort(result.layer_scores, descending=True, stable=True).indices.tolist()
     summary = {
         "layer_scores": [round(v, 4) for v in result.layer_scores.tolist()],
@@ -215,7 +216,7 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "resumed": result.resumed,
         "skipped_nonfinite_steps": result.skipped_steps,
     }
-    atomic.atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2))
+    io_atomic.atomic_write_text(RunDir(result.run_dir).summary, json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
 
 

@@ -29,15 +29,15 @@ from flashmorph.checkpoint import atomic
 from flashmorph.config import TeacherConfig
 from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
 from flashmorph.data.byte_tokenizer import ByteTokenizer
-from flashmorph.errors import FlashMorphError
+from flashmorph.errors import FlashMorphError, Preempted
 from flashmorph.evaluation.retrieval import answer_hits
+from flashmorph.io import atomic as io_atomic
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from flashmorph.parallel.quiet import no_transformers_progress_bars
-from flashmorph.training.preemption import Preempted, PreemptionGuard
+from flashmorph.run_dir import CHECKPOINTS_DIR, TEACHER_REPORT_NAME
+from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
-REPORT = "teacher_report.json"
-CHECKPOINTS = "checkpoints"
 MIN_STEPS_PER_STAGE = 20  # the running recall needs a few batches before it means anything
 TEACHER_NOT_READY_EXIT_CODE = 3  # distinct from 2 (bad recipe): the recipe was fine, the teacher did not learn
 _TEXT_STREAM_TAG = 0x7E47  # keeps the text windows' random stream apart from the retrieval streams of one seed
@@ -142,23 +142,23 @@ def text_perplexity(model, windows: TextWindows, num_windows: int = 256, batch_s
 def _save_state(root: Path, step: int, model, optimizer, progress: dict) -> None:
     """model + AdamW state as safetensors (no pickle), progress as JSON, sealed atomically as step_N."""
     staging = atomic.prepare_staging(root, step)
-    atomic.atomic_save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                   staging / "model.safetensors")
+    io_atomic.atomic_save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                      staging / "model.safetensors")
     optim = {}
     for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         for key, value in optimizer.state.get(param, {}).items():
             optim[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().reshape(-1) if key == "step" else \
                 value.detach().cpu()
-    atomic.atomic_save_safetensors(optim, staging / "optimizer.safetensors")
-    atomic.atomic_write_text(staging / "progress.json", json.dumps(progress, indent=2))
+    io_atomic.atomic_save_safetensors(optim, staging / "optimizer.safetensors")
+    io_atomic.atomic_write_text(staging / "progress.json", json.dumps(progress, indent=2))
     atomic.finalize(root, step)
     atomic.prune(root, keep_last=1)
 
 
 def _load_state(ckpt: Path, model, optimizer, device: torch.device) -> dict:
     atomic.verify(ckpt)
-    model.load_state_dict(atomic.load_safetensors_verified(ckpt / "model.safetensors", device=str(device)))
-    tensors = atomic.load_safetensors_verified(ckpt / "optimizer.safetensors", device=str(device))
+    model.load_state_dict(io_atomic.load_safetensors_verified(ckpt / "model.safetensors", device=str(device)))
+    tensors = io_atomic.load_safetensors_verified(ckpt / "optimizer.safetensors", device=str(device))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
         state = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.split(".", 1)[0] == str(index)}
@@ -194,7 +194,7 @@ def train_teacher(teacher: TeacherConfig, out_dir: str | Path, show_progress: bo
     `preemption`, a stop signal ends training after the current step with a checkpoint and raises `Preempted`.
     """
     out_dir = Path(out_dir)
-    report_file = out_dir / REPORT
+    report_file = out_dir / TEACHER_REPORT_NAME
     if report_file.is_file() and (out_dir / "config.json").is_file():
         log.info("reusing the trained teacher in %s", out_dir)
         return json.loads(report_file.read_text())
@@ -209,7 +209,7 @@ def train_teacher(teacher: TeacherConfig, out_dir: str | Path, show_progress: bo
     text = TextWindows(space, "train", teacher.text_seq_len, teacher.seed) if uses_text else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=teacher.lr, weight_decay=0.01)
 
-    root = out_dir / CHECKPOINTS
+    root = out_dir / CHECKPOINTS_DIR
     # progress: where the curriculum is, so a resumed run continues at the same step of the same stage
     progress = {"step": 0, "stage": 0, "stage_step": 0, "running": 0.0, "stages": [], "train_seconds": 0.0,
                 "teacher": dataclasses.asdict(teacher)}
@@ -322,7 +322,7 @@ def train_teacher(teacher: TeacherConfig, out_dir: str | Path, show_progress: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     with no_transformers_progress_bars():  # one shard of a tiny model: a bar would only interrupt ours
         model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
-    atomic.atomic_write_text(report_file, json.dumps(report, indent=2))  # written last: marks the teacher complete
+    io_atomic.atomic_write_text(report_file, json.dumps(report, indent=2))  # written last: marks the teacher complete
     shutil.rmtree(root, ignore_errors=True)  # the HF directory is the product now; checkpoints only served resume
     log.info("teacher: %.1f%% recall on %d pairs (chance %.1f%%) after %d steps, %.1f s%s",
              100 * accuracy, final_pairs, 100 * chance, progress["step"], train_seconds,

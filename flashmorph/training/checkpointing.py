@@ -7,6 +7,7 @@ import torch
 
 from flashmorph.checkpoint import atomic
 from flashmorph.errors import CheckpointError
+from flashmorph.io import atomic as io_atomic
 from flashmorph.parallel import distributed, zero
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, keep_last
     try:
         zero.save_engine_checkpoint(engine, staging, {"step": step, **client_state})
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        failure = str(atomic.storage_error(err, f"checkpoint step {step} (rank {info.rank})", staging,
-                                           "earlier checkpoints are intact"))
+        failure = str(io_atomic.storage_error(err, f"checkpoint step {step} (rank {info.rank})", staging,
+                                              "earlier checkpoints are intact"))
         # DeepSpeed's save_checkpoint ends with one barrier after all its file writes; ranks whose writes
         # succeeded wait there, so a rank whose write failed joins it to keep the collectives in step
         distributed.barrier()
@@ -85,7 +86,7 @@ def newest_intact_checkpoint(root: Path, world_size: int, step: int | None = Non
     asks for a type outside torch's safe set and the DeepSpeed allow-list. A damaged newer one is named in a
     warning and skipped, so the run falls back to the newest intact step. With `step` (--resume-from), only that
     checkpoint is considered: missing or damaged, it is refused."""
-    from flashmorph.checkpoint.safe_load import check_pickles
+    from flashmorph.io.safe_load import check_pickles
 
     found = atomic.list_checkpoints(root)
     if step is not None:

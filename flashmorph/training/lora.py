@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flashmorph.checkpoint import atomic
 from flashmorph.errors import CheckpointError
+from flashmorph.io import atomic as io_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -30,7 +30,7 @@ def adapter_state(peft_model: nn.Module, full_state: dict[str, torch.Tensor]) ->
 def save_adapter(peft_model: nn.Module, full_state: dict[str, torch.Tensor], out_dir: Path) -> None:
     """adapter_model.safetensors + adapter_config.json, each written atomically."""
     tensors = {k: v.contiguous() for k, v in adapter_state(peft_model, full_state).items()}
-    atomic.atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    io_atomic.atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     peft_model.peft_config["default"].save_pretrained(str(out_dir))
 
 
@@ -41,7 +41,7 @@ def load_adapter(peft_model: nn.Module, adapter_dir: Path) -> None:
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; student.init_from must be a finished LoRA distill run")
-    result = set_peft_model_state_dict(peft_model, atomic.load_safetensors_verified(path))
+    result = set_peft_model_state_dict(peft_model, io_atomic.load_safetensors_verified(path))
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise CheckpointError(f"{path} holds adapters this recipe does not create ({unexpected[0]}, ...); "

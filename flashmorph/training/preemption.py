@@ -17,7 +17,6 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,15 +30,6 @@ PREEMPTED_EXIT_CODE = 75
 # SIGTERM: what schedulers send before killing (SLURM preemption, scancel, the time limit, torchrun/deepspeed
 # shutting their workers down); SIGUSR1: SLURM's early warning (`--signal=B:USR1@secs`, forwarded by the job script)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """Raised by a stage after it saved the checkpoint of `step` because a stop signal arrived; not an error."""
-
-    def __init__(self, step: int, checkpoint: Path, reason: str):
-        self.step, self.checkpoint, self.reason = step, Path(checkpoint), reason
-        super().__init__(f"stopped at step {step} on {reason}; complete checkpoint {self.checkpoint}; "
-                         "rerun the same command with --resume to continue")
 
 
 class PreemptionGuard:

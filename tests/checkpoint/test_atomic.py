@@ -9,14 +9,10 @@ import torch
 
 from flashmorph.checkpoint import atomic
 from flashmorph.checkpoint.atomic import (
-    atomic_save_safetensors,
-    atomic_write_bytes,
-    atomic_write_text,
     checkpoint_step,
     finalize,
     latest_complete,
     list_checkpoints,
-    load_safetensors_verified,
     prepare_staging,
     prune,
     read_manifest,
@@ -24,6 +20,7 @@ from flashmorph.checkpoint.atomic import (
     verify,
 )
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.io.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, load_safetensors_verified
 
 
 def save_step(root, step, files=None, meta=None):

@@ -12,8 +12,8 @@ import torch
 
 from flashmorph.checkpoint import atomic
 from flashmorph.checkpoint.reshard.zero3 import check_rank_files, rank_files
-from flashmorph.checkpoint.safe_load import check_pickles, weights_only_loads
 from flashmorph.errors import CheckpointError
+from flashmorph.io.safe_load import check_pickles, weights_only_loads
 from helpers.gate_search_cli import gate_search_cli as _gate_search
 
 MODEL_STATES = "state/zero_pp_rank_0_mp_rank_00_model_states.pt"

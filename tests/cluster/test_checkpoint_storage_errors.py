@@ -8,6 +8,7 @@ import pytest
 
 from flashmorph.checkpoint import atomic
 from flashmorph.errors import CheckpointError
+from flashmorph.io import atomic as io_atomic
 
 
 def _no_space(*args, **kwargs):
@@ -58,7 +59,7 @@ def test_unwritable_checkpoints_dir_is_one_error(tmp_path, monkeypatch, code):
 
 def test_full_disk_on_an_atomic_file_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
-    atomic.atomic_write_text(path, "old")
+    io_atomic.atomic_write_text(path, "old")
     real_open = open
 
     def open_fails_for_temp(file, mode="r", *args, **kwargs):
@@ -69,7 +70,7 @@ def test_full_disk_on_an_atomic_file_keeps_the_old_file_and_no_temp(tmp_path, mo
     monkeypatch.setattr("builtins.open", open_fails_for_temp)
     with pytest.raises(CheckpointError, match=r"cannot write summary\.json .*No space left on device.*"
                                               r"the previous summary\.json, if any, is unchanged"):
-        atomic.atomic_write_text(path, "new")
+        io_atomic.atomic_write_text(path, "new")
     monkeypatch.undo()
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["summary.json"]
@@ -78,14 +79,14 @@ def test_full_disk_on_an_atomic_file_keeps_the_old_file_and_no_temp(tmp_path, mo
 def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):  # a failing disk is not a "free space" problem
-        atomic.atomic_write_text(tmp_path / "x.json", "{}")
+        io_atomic.atomic_write_text(tmp_path / "x.json", "{}")
 
 
 def test_torch_save_failure_without_errno_still_names_the_path_and_free_space(tmp_path):
     err = RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                        "data/0: file write failed\nmore detail")
-    message = str(atomic.storage_error(err, "checkpoint step 4 (rank 1)", tmp_path / ".tmp-step_4",
-                                       "earlier checkpoints are intact"))
+    message = str(io_atomic.storage_error(err, "checkpoint step 4 (rank 1)", tmp_path / ".tmp-step_4",
+                                          "earlier checkpoints are intact"))
     assert message.startswith(f"cannot write checkpoint step 4 (rank 1) to {tmp_path / '.tmp-step_4'} (")
     assert "file write failed" in message and "free there" in message and "\n" not in message
     assert message.endswith("earlier checkpoints are intact")

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Preempted, PreemptionGuard
+from flashmorph.errors import Preempted
+from flashmorph.training.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS, PreemptionGuard
 
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)

@@ -6,11 +6,11 @@ from reshard_helpers import save_tiny
 
 from flashmorph.checkpoint.reshard import check_tp_size, reshard, tp_rule
 from flashmorph.checkpoint.reshard.adapter import zero3_to_hf_names
-from flashmorph.checkpoint.reshard.safetensors_io import SafetensorsFile, StreamingSafetensorsWriter
-from flashmorph.checkpoint.reshard.tp import rank_file
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.io.safetensors import SafetensorsFile, StreamingSafetensorsWriter
 from flashmorph.model.shape import ModelShape
 from flashmorph.model.tiny import tiny_config
+from flashmorph.parallel.tp_shards import rank_file
 
 
 def test_tp_shards_match_megatron_partitioning_by_hand(tmp_path):

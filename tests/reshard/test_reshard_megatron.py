@@ -5,7 +5,7 @@ from helpers.multiproc import run_distributed
 from reshard_helpers import save_tiny
 
 from flashmorph.checkpoint.reshard import reshard
-from flashmorph.checkpoint.reshard.tp import rank_file
+from flashmorph.parallel.tp_shards import rank_file
 
 TP = 2
 

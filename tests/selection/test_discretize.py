@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flashmorph.checkpoint.atomic import atomic_save_safetensors
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.io.atomic import atomic_save_safetensors
 from flashmorph.selection.discretize import (
     discretize_heads_threshold,
     discretize_heads_top_k,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from flashmorph.checkpoint.atomic import atomic_save_safetensors
+from flashmorph.io.atomic import atomic_save_safetensors
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from flashmorph.selection import HybridLayout
 from helpers.tools import load_tool

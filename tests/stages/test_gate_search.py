@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashmorph.checkpoint.atomic import list_checkpoints, load_safetensors_verified
+from flashmorph.checkpoint.atomic import list_checkpoints
 from flashmorph.config import load_recipe
+from flashmorph.io.atomic import load_safetensors_verified
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from helpers.multiproc import run_distributed
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from flashmorph.config import TeacherConfig, validate_teacher
 from flashmorph.data.stdlib_corpus import module_split, stdlib_documents
 from flashmorph.errors import ConfigError
-from flashmorph.stages.teacher import CHECKPOINTS, TeacherNotReady, require_teacher, train_teacher
-from flashmorph.training.preemption import Preempted
+from flashmorph.errors import Preempted
+from flashmorph.run_dir import CHECKPOINTS_DIR
+from flashmorph.stages.teacher import TeacherNotReady, require_teacher, train_teacher
 
 # 2 layers at hidden 32: a few steps take well under a second, enough to test the machinery, not the learning
 TINY = dict(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, vocab_size=64, curriculum=[2, 3],
@@ -51,7 +52,7 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_teacher(tmp_path):
     assert resumed["stages"] == whole["stages"] and resumed["recall_accuracy"] == whole["recall_accuracy"]
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / "cut" / CHECKPOINTS).exists()  # removed once the HF directory is complete
+    assert not (tmp_path / "cut" / CHECKPOINTS_DIR).exists()  # removed once the HF directory is complete
 
 
 def test_checkpoint_of_another_teacher_config_is_refused(tmp_path):

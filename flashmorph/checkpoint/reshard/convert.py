@@ -12,11 +12,11 @@ from pathlib import Path
 
 from flashmorph.checkpoint import atomic
 from flashmorph.checkpoint.reshard import adapter, hf, zero3
-from flashmorph.checkpoint.reshard import tp as tp_files
 from flashmorph.errors import CheckpointError, ConfigError
 from flashmorph.model.load import SUPPORTED_MODEL_TYPES
 from flashmorph.model.shape import ModelShape
 from flashmorph.parallel import distributed
+from flashmorph.parallel import tp_shards as tp_files
 
 log = logging.getLogger(__name__)
 FORMATS = ("zero3", "hf", "tp")
@@ -255,7 +255,7 @@ def copy_side_files(config_dir: Path, out_dir: Path) -> None:
 
 
 def _versions() -> dict:
-    from flashmorph.run_dir import collect_versions
+    from flashmorph.versions import collect_versions
 
     return collect_versions()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flashmorph.checkpoint.reshard.safetensors_io import SafetensorsFile, StreamingSafetensorsWriter, nbytes
 from flashmorph.errors import CheckpointError, ConfigError
+from flashmorph.io.safetensors import SafetensorsFile, StreamingSafetensorsWriter, nbytes
 
 log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-3 checkpoints of any DP size: read with deepspeed's own zero_to_fp32 (lazy mode), written by a
 zero.Init engine on N local gloo ranks. DeepSpeed's files are pickles, so every read here runs with weights_only
-forced on (checkpoint.safe_load): a file that asks for more than tensors and DeepSpeed's plain types is refused."""
+forced on (io.safe_load): a file that asks for more than tensors and DeepSpeed's plain types is refused."""
 
 import contextlib
 import glob
@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from flashmorph.checkpoint.reshard import adapter
-from flashmorph.checkpoint.safe_load import (
+from flashmorph.errors import CheckpointError, FlashMorphError
+from flashmorph.io.safe_load import (
     check_pickle_file,
     is_refused_pickle,
     refused_pickle_error,
     weights_only_loads,
 )
-from flashmorph.errors import CheckpointError, FlashMorphError
 
 log = logging.getLogger(__name__)
 TAG = "state"  # flashmorph's engine checkpoints use this tag (flashmorph/parallel/zero.py)

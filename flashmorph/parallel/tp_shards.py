@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flashmorph.checkpoint.reshard import adapter
-from flashmorph.checkpoint.reshard.safetensors_io import SafetensorsFile, StreamingSafetensorsWriter
 from flashmorph.errors import CheckpointError
+from flashmorph.io.safetensors import SafetensorsFile, StreamingSafetensorsWriter
 from flashmorph.model.shape import ModelShape
+from flashmorph.parallel import tp_rules
 
 LAYOUT_FILE = "tp_layout.json"
 LAYOUT_FORMAT = 1
@@ -26,33 +26,33 @@ def write_tp(source, names: list[str], out_dir: Path, tp: int, dims: ModelShape,
 
     Peak memory: one full tensor plus its TP pieces (pieces cut on dim 0 are views, so at most one more copy).
     """
-    adapter.check_tp_size(dims, tp)
+    tp_rules.check_tp_size(dims, tp)
     entries, plans = {}, [{} for _ in range(tp)]
     for name in names:
         shape, dtype = source.specs[name]
-        rule = adapter.tp_rule(name)
-        adapter.check_split_shape(name, shape, rule, dims, tp)
-        tp_name = adapter.hf_to_tp_name(name)
+        rule = tp_rules.tp_rule(name)
+        tp_rules.check_split_shape(name, shape, rule, dims, tp)
+        tp_name = tp_rules.hf_to_tp_name(name)
         entries[tp_name] = {"hf_name": name, "kind": rule.kind, "split_dim": rule.split_dim,
                             "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
         for plan in plans:
-            plan[tp_name] = (adapter.tp_piece_shape(shape, rule, tp), dtype)
+            plan[tp_name] = (tp_rules.tp_piece_shape(shape, rule, tp), dtype)
     files = [rank_file(rank, tp) for rank in range(tp)]
     writers = [StreamingSafetensorsWriter(out_dir / files[rank], plans[rank],
                                           metadata={"format": "pt", "tp_rank": str(rank), "tp_size": str(tp)})
                for rank in range(tp)]
     try:
         for name in tqdm(names, desc=f"writing TP={tp} shards", unit="tensor", disable=not show_progress):
-            pieces = adapter.split_for_tp(source.get(name), adapter.tp_rule(name), tp)
+            pieces = tp_rules.split_for_tp(source.get(name), tp_rules.tp_rule(name), tp)
             for writer, piece in zip(writers, pieces):
-                writer.write(adapter.hf_to_tp_name(name), piece)
+                writer.write(tp_rules.hf_to_tp_name(name), piece)
     except BaseException:
         for writer in writers:
             writer.abort()
         raise
     for writer in writers:
         writer.close()
-    layout = {"format": LAYOUT_FORMAT, "tp_size": tp, "files": files, "dims": adapter.layout_dims(dims),
+    layout = {"format": LAYOUT_FORMAT, "tp_size": tp, "files": files, "dims": tp_rules.layout_dims(dims),
               "tensors": entries}
     (out_dir / LAYOUT_FILE).write_text(json.dumps(layout, indent=1) + "\n")
     return layout
@@ -84,14 +84,14 @@ class TPSource:
         self._entries = {entry["hf_name"]: (tp_name, entry) for tp_name, entry in self.layout["tensors"].items()}
         self.specs = {}
         for hf_name, (tp_name, entry) in self._entries.items():
-            rule = adapter.tp_rule(hf_name)
+            rule = tp_rules.tp_rule(hf_name)
             if (rule.kind, rule.split_dim) != (entry["kind"], entry["split_dim"]):
                 raise CheckpointError(f"{LAYOUT_FILE} splits {hf_name} as {entry['kind']} on dim "
                                       f"{entry['split_dim']}, this flashmorph as {rule.kind} on dim {rule.split_dim}")
             shape, dtype = tuple(entry["shape"]), getattr(torch, str(entry["dtype"]), None)
             if not isinstance(dtype, torch.dtype):
                 raise CheckpointError(f"{LAYOUT_FILE} gives {hf_name} the unknown dtype {entry['dtype']!r}")
-            piece = (adapter.tp_piece_shape(shape, rule, self.tp), dtype)
+            piece = (tp_rules.tp_piece_shape(shape, rule, self.tp), dtype)
             for handle in self._ranks:
                 if handle.specs.get(tp_name) != piece:
                     raise CheckpointError(f"{handle.path} holds {tp_name} as {handle.specs.get(tp_name)}, "
@@ -105,4 +105,4 @@ class TPSource:
     def get(self, name: str) -> torch.Tensor:
         tp_name, _ = self._entries[name]
         pieces = [handle.get(tp_name) for handle in self._ranks]
-        return adapter.merge_from_tp(pieces, adapter.tp_rule(name), name)
+        return tp_rules.merge_from_tp(pieces, tp_rules.tp_rule(name), name)
