@@ -1,10 +1,10 @@
 """Layer modes of a hybrid ("full" or "linear" per layer) from hybrid.json, a parsed dict or a list, checked against a
 model's layer count. No torch import, so recipes and tools check a layout before any model is built."""
 
-import json
 from pathlib import Path
 
 from flashmorph.errors import ConfigError
+from flashmorph.io.json_file import read_json
 
 HYBRID_MODES = ("full", "linear")
 _LAYOUT_FIX = "write it with tools/discretize_gates.py"
@@ -66,8 +66,5 @@ def read_layout(path: str | Path, num_layers: int | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"layout {path} does not exist; {_LAYOUT_FIX}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"layout {path} is not readable JSON ({type(err).__name__}); {_LAYOUT_FIX}") from None
+    data = read_json(path, f"layout {path}", _LAYOUT_FIX)
     return parse_layout(data, num_layers, where=str(path))

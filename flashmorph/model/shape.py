@@ -5,11 +5,11 @@ No torch import: recipes, the estimator, reshard and tools read shapes before an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from flashmorph.errors import ConfigError
+from flashmorph.io.json_file import read_json
 from flashmorph.model.families import check_family
 
 CONFIG_NAME = "config.json"
@@ -115,10 +115,7 @@ def read_model_config(model_dir: str | Path, name: str | None = None) -> dict:
     path = Path(model_dir) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"{name or model_dir} holds no config.json; point it at a HF model directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not readable JSON ({type(err).__name__}); fix or replace it") from None
+    config = read_json(path, str(path), "fix or replace it")
     if not isinstance(config, dict):
         raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings; fix or "
                           "replace it")
