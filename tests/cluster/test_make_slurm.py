@@ -4,9 +4,7 @@ import subprocess
 
 import pytest
 
-from helpers.tools import load_tool
-
-make_slurm = load_tool("make_slurm")
+from flashmorph.cli import make_slurm
 
 
 @pytest.mark.parametrize("name", sorted(make_slurm.EXAMPLES))

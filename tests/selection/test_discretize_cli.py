@@ -12,17 +12,14 @@ import pytest
 import torch
 import yaml
 
+from flashmorph.cli import discretize_gates
 from flashmorph.io.atomic import atomic_save_safetensors
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from flashmorph.selection import HybridLayout
-from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "discretize_gates.py"
 GATES = torch.tensor([0.77, 0.01, 0.80, 0.02])
-
-
-discretize_gates = load_tool("discretize_gates")
 
 
 def _write_gates(run_dir: Path, values: torch.Tensor, budget=None) -> Path:
