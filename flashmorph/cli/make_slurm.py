@@ -244,6 +244,9 @@ def render(argv: list[str]) -> str:
         "MASTER_PORT": str(args.master_port) if args.master_port else DEFAULT_MASTER_PORT,
         "OMP_THREADS": str(max(1, cpus // args.gpus_per_node)),
     }
+    if not TEMPLATE.is_file():  # a non-editable install has the package but not the checkout the job runs in
+        raise ConfigError(f"{TEMPLATE} is missing; run the generator from the flashmorph checkout (python "
+                          "tools/make_slurm.py, or flashmorph-make-slurm after pip install -e .)")
     text = TEMPLATE.read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
