@@ -20,7 +20,7 @@ LAYERS = (
     ("products", ("flashmorph.selection", "flashmorph.evaluation", "flashmorph.export")),
     ("stages", ("flashmorph.stages",)),
     ("experiments", ("flashmorph.experiments",)),
-    ("entry", ("flashmorph.launch", "flashmorph.cli_args", "flashmorph")),
+    ("entry", ("flashmorph.cli", "flashmorph")),
 )
 # `import flashmorph` / `from flashmorph import __version__`: the package root holds the version, which every layer
 # may read; its lazy `load_hybrid` is an import of the entry layer, checked like any other

@@ -5,7 +5,7 @@ Entry points run in-process (their `main(argv)`, as the CLI calls it): a subproc
 each. Two subprocess cases prove a refusal imports neither torch nor DeepSpeed, so it comes in a fraction of a second.
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -19,7 +19,6 @@ import pytest
 from flashmorph.config import load_recipe, validate_recipe
 from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
 from flashmorph.model.tiny import build_tiny_model, tiny_config
-from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE_RECIPE = ROOT / "recipes" / "embedded.yaml"
@@ -27,11 +26,9 @@ DISTILL_RECIPE = ROOT / "recipes" / "embedded_distill.yaml"
 LAYOUT = {"layer_types": ["full", "linear"], "full_layers": [0]}
 
 
-def _launcher(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_launcher", ROOT / "launcher" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _entry(name: str):
+    """flashmorph.cli.<name>: the command behind launcher/<name>.py or tools/<name>.py."""
+    return importlib.import_module(f"flashmorph.cli.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +132,7 @@ def _refused(capsys, code: int, *expected: str) -> str:
 def _gate_search(capsys, model_dir, run_dir, *extra, resume=False):
     argv = ["--config", str(GATE_RECIPE), "--override", f"model.path={model_dir}", "--override",
             f"run.run_dir={run_dir}", *[a for item in extra for a in ("--override", item)]]
-    return _launcher("gate_search").main(argv + (["--resume"] if resume else []))
+    return _entry("gate_search").main(argv + (["--resume"] if resume else []))
 
 
 @pytest.mark.parametrize("case", MODEL_DIR_CASES, ids=list(MODEL_DIR_CASES))
@@ -158,7 +155,7 @@ def test_export_and_evaluate_refuse_a_bad_model_dir(tool, case, bad_dir, good_di
         argv = ["--model", str(model_dir), "--layout", str(good_dir / "hybrid.json"), "--out", str(out)]
     else:
         argv = ["--model", str(model_dir), "--out", str(out), "--retrieval-lengths", "64", "--samples", "2"]
-    code = load_tool(tool).main(argv)
+    code = _entry(tool).main(argv)
     _refused(capsys, code, message, f"--model {model_dir}")
     assert not out.exists()
 
@@ -170,7 +167,7 @@ def test_export_and_evaluate_refuse_a_bad_model_dir(tool, case, bad_dir, good_di
 def test_export_refuses_a_layout_whose_full_layers_do_not_exist(full_layers, message, good_dir, tmp_path, capsys):
     layout = tmp_path / "hybrid.json"
     layout.write_text(json.dumps({"layer_types": ["full", "linear"], "full_layers": full_layers}))
-    code = load_tool("export").main(["--model", str(good_dir), "--layout", str(layout), "--out", str(tmp_path / "o")])
+    code = _entry("export").main(["--model", str(good_dir), "--layout", str(layout), "--out", str(tmp_path / "o")])
     _refused(capsys, code, message, str(layout))
     assert not (tmp_path / "o").exists()
 
@@ -236,14 +233,14 @@ def test_init_from_that_is_not_a_run_is_refused(stage, make_init_from, message, 
     extra = [f"student.init_from={make_init_from(tmp_path)}"]
     if stage == "long_context":
         extra.append("distill.length_schedule=[{seq_len: 34, steps: 2}]")
-    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", *extra), stage=stage)
+    code = _entry(stage).main(_distill_argv(good_dir, tmp_path / "run", *extra))
     _refused(capsys, code, "student.init_from=", message)
     assert not (tmp_path / "run").exists()
 
 
 def test_distill_refuses_a_bad_model_dir_before_writing(bad_dir, tmp_path, capsys):
     model_dir = bad_dir(MODEL_DIR_CASES["tokenizer_of_another_model"][0])
-    code = _launcher("distill").main(_distill_argv(model_dir, tmp_path / "run"))
+    code = _entry("distill").main(_distill_argv(model_dir, tmp_path / "run"))
     _refused(capsys, code, "the tokenizer has token id 199")
     assert not (tmp_path / "run").exists()
 
@@ -383,7 +380,7 @@ DISTILL_OVERRIDE_CASES = [
 
 @pytest.mark.parametrize(("override", "message"), DISTILL_OVERRIDE_CASES, ids=[c[0] for c in DISTILL_OVERRIDE_CASES])
 def test_distill_refuses_a_bad_recipe_value(override, message, good_dir, tmp_path, capsys):
-    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", override))
+    code = _entry("distill").main(_distill_argv(good_dir, tmp_path / "run", override))
     _refused(capsys, code, message)
     assert not (tmp_path / "run").exists()
 
@@ -391,7 +388,7 @@ def test_distill_refuses_a_bad_recipe_value(override, message, good_dir, tmp_pat
 def test_distill_refuses_a_layout_made_for_another_layer_count(good_dir, tmp_path, capsys):
     layout = tmp_path / "layout3.json"
     layout.write_text(json.dumps({"layer_types": ["full", "linear", "linear"]}))
-    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", f"student.layout={layout}"))
+    code = _entry("distill").main(_distill_argv(good_dir, tmp_path / "run", f"student.layout={layout}"))
     _refused(capsys, code, "has 3 layers but the model has 2; use the layout made for this model")
     assert not (tmp_path / "run").exists()
 
@@ -415,7 +412,7 @@ PARALLEL_CASES = [
 def test_distill_refuses_an_impossible_parallel_layout(world, override, message, good_dir, tmp_path, capsys,
                                                        monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    code = _launcher("distill").main(_distill_argv(good_dir, tmp_path / "run", override))
+    code = _entry("distill").main(_distill_argv(good_dir, tmp_path / "run", override))
     _refused(capsys, code, message)
     assert not (tmp_path / "run").exists()
 
@@ -467,7 +464,7 @@ def test_tools_refuse_bad_arguments_and_write_nothing(tool, argv, message, good_
     (tmp_path / "exists.json").write_text("{}")
     before, model_before = _snapshot(tmp_path), _snapshot(good_dir)
     try:
-        code = load_tool(tool).main(argv.format(model=good_dir, tmp=tmp_path).split())
+        code = _entry(tool).main(argv.format(model=good_dir, tmp=tmp_path).split())
     except SystemExit as stop:  # argparse's own refusals (one `error:` line too) exit from inside main
         code = stop.code
     _refused(capsys, code, message)

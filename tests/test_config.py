@@ -1,21 +1,16 @@
 """Recipes: YAML + overrides load into dataclasses; each bad config is one clear line, and nothing is written."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from flashmorph.cli import gate_search
 from flashmorph.config import GateSearchRecipe, load_recipe, validate_recipe
 from flashmorph.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("gate_search_launcher", ROOT / "launcher" / "gate_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_recipe_file_then_overrides(tmp_path):
@@ -86,7 +81,7 @@ def test_bad_config_is_one_line_naming_the_field_and_writes_nothing(tmp_path, ca
     argv = ["--config", str(ROOT / "recipes" / "embedded.yaml"), "--override", f"run.run_dir={run_dir}"]
     for item in overrides:
         argv += ["--override", item]
-    code = _launcher().main(argv)
+    code = gate_search.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and field in err[0], err
@@ -94,7 +89,7 @@ def test_bad_config_is_one_line_naming_the_field_and_writes_nothing(tmp_path, ca
 
 
 def test_missing_recipe_file(capsys, tmp_path):
-    assert _launcher().main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert gate_search.main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "--config" in capsys.readouterr().err
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.tools import load_tool
 
+from flashmorph.cli import estimate as estimate_tool
 from flashmorph.errors import ConfigError
 from flashmorph.estimate import (
     UNCALIBRATED,
@@ -27,7 +27,6 @@ from flashmorph.estimate import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-estimate_tool = load_tool("estimate")
 
 # 2 layers, hidden 64, 4 heads of 16 (2 kv heads), MLP 128, vocab 100, untied
 TINY = ModelShape("tiny", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -4,9 +4,7 @@ import subprocess
 
 import pytest
 
-from helpers.tools import load_tool
-
-make_slurm = load_tool("make_slurm")
+from flashmorph.cli import make_slurm
 
 
 @pytest.mark.parametrize("name", sorted(make_slurm.EXAMPLES))
@@ -134,3 +132,12 @@ def test_values_that_cannot_be_quoted_safely_are_refused(argv, message, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_missing_template_is_one_line_naming_the_checkout(monkeypatch, capsys, tmp_path):
+    """flashmorph-make-slurm from a non-editable install has no launcher/slurm/ next to it: one line, exit 2."""
+    monkeypatch.setattr(make_slurm, "TEMPLATE", tmp_path / "stage.sbatch.template")
+    assert make_slurm.main(["--config", "recipes/llama3_8b_gate_search.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'stage.sbatch.template'} is missing") and err.count("\n") == 1
+    assert "tools/make_slurm.py" in err and "pip install -e ." in err

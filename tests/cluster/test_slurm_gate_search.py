@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashmorph.cli import make_slurm
 from flashmorph.checkpoint.atomic import checkpoint_step, list_checkpoints, verify
 from flashmorph.io.atomic import load_safetensors_verified
 from flashmorph.model.tiny import build_tiny_model, tiny_config
-from helpers.tools import load_tool
 from slurm_helpers import fake_slurm_env
 
-make_slurm = load_tool("make_slurm")
 STEPS = 60
 SAVE_EVERY = 5
 

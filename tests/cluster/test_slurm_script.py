@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import load_tool
+from flashmorph.cli import make_slurm
 from slurm_helpers import fake_slurm_env
-
-make_slurm = load_tool("make_slurm")
 
 # records its node's arguments, then runs FAKE_TORCHRUN_SECONDS; USR1 ends it like a rank that checkpointed and
 # stopped (exit 75, or FAKE_USR1_EXIT); TERM kills it (143), which is what would lose the step

@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from flashmorph.cli import evaluate as evaluate_tool
 from flashmorph.errors import ConfigError
-from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "evaluate.py"
-
-
-evaluate_tool = load_tool("evaluate")
 
 
 def test_end_to_end(tmp_path, model_dir, corpus_file, capsys):

@@ -1,15 +1,9 @@
 """tools/reshard.py: bad input answers with one `error: ...` line and exit code 2 before any heavy work."""
 
-from pathlib import Path
-
 import pytest
 from reshard_helpers import assert_bit_exact, load_hf_dir, save_tiny
-from helpers.tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "reshard.py"
-
-
-reshard_tool = load_tool("reshard")
+from flashmorph.cli import reshard as reshard_tool
 
 
 def run(argv, capsys):

@@ -12,17 +12,14 @@ import pytest
 import torch
 import yaml
 
+from flashmorph.cli import discretize_gates
 from flashmorph.io.atomic import atomic_save_safetensors
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from flashmorph.selection import HybridLayout
-from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "discretize_gates.py"
 GATES = torch.tensor([0.77, 0.01, 0.80, 0.02])
-
-
-discretize_gates = load_tool("discretize_gates")
 
 
 def _write_gates(run_dir: Path, values: torch.Tensor, budget=None) -> Path:
@@ -57,11 +54,12 @@ def test_gates_end_to_end(tmp_path):
     assert "wrote" in done.stdout and (has_png or "matplotlib is not installed" in done.stderr)
 
 
-def test_bad_budget_is_one_line_and_exit_2(tmp_path):
+def test_bad_budget_is_one_line_and_exit_2(tmp_path, capsys):
     gates = _write_gates(tmp_path, GATES)
-    done = _cli("--gates", gates, "--budget", "9", "--out", tmp_path / "hybrid.json")
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: --budget=9 exceeds the 4 layers") and done.stderr.count("\n") == 1
+    code = discretize_gates.main(["--gates", str(gates), "--budget", "9", "--out", str(tmp_path / "hybrid.json")])
+    err = capsys.readouterr().err  # in-process: a subprocess (the path users run) is test_gates_end_to_end's
+    assert code == 2
+    assert err.startswith("error: --budget=9 exceeds the 4 layers") and err.count("\n") == 1
     assert not (tmp_path / "hybrid.json").exists()
 
 

@@ -120,9 +120,7 @@ def test_bad_teacher_fields_are_refused(field, value, message):
 
 
 def test_gate_search_launcher_exits_3_on_a_teacher_that_never_learned(tmp_path, capsys):
-    from helpers.tools import load_launcher
-
-    main = load_launcher("gate_search").main
+    from flashmorph.cli.gate_search import main
 
     overrides = [f"run.run_dir={tmp_path / 'run'}", "teacher.num_layers=2", "teacher.hidden_size=32",
                  "teacher.num_heads=2", "teacher.num_kv_heads=1", "teacher.max_steps_per_stage=3",

@@ -1,12 +1,12 @@
-"""launcher/teacher.py on the proxy teacher's recipe in its tiny CPU mode: exit codes 0 / 3 / 75, the report, and a
-stopped run that the same command continues."""
+"""flashmorph.cli.teacher (launcher/teacher.py) on the proxy teacher's recipe in its tiny CPU mode: exit codes 0 / 3 /
+75, the report, and a stopped run that the same command continues."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from flashmorph.cli import teacher as teacher_cli
 from flashmorph.config import load_recipe, validate_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,22 +17,15 @@ TINY = ["teacher.device=cpu", "teacher.num_layers=2", "teacher.hidden_size=32", 
         "teacher.warmup_steps=2", "teacher.log_every=1", "teacher.checkpoint_every=2", "teacher.curriculum=[2,3]"]
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("flashmorph_teacher_launcher", ROOT / "launcher" / "teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run(tmp_path, *overrides, extra=()):
     args = ["--config", str(RECIPE), "--no-progress", *extra]
     for item in [*TINY, f"out_dir={tmp_path / 'teacher'}", *overrides]:
         args += ["--override", item]
-    return _launcher().main(args)
+    return teacher_cli.main(args)
 
 
 def test_the_recipe_is_the_12_layer_proxy_teacher():
-    recipe = load_recipe(RECIPE, [], cls=_launcher().TeacherRecipe)
+    recipe = load_recipe(RECIPE, [], cls=teacher_cli.TeacherRecipe)
     validate_teacher(recipe.teacher)
     t = recipe.teacher
     assert (t.num_layers, t.hidden_size, t.curriculum[-1], t.device) == (12, 256, 16, "auto")
@@ -79,7 +72,7 @@ def test_max_minutes_stops_with_75_and_the_same_command_continues(tmp_path, monk
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)  # the recipe's relative out_dir would land here
-    code = _launcher().main(["--config", str(RECIPE), *args])
+    code = teacher_cli.main(["--config", str(RECIPE), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert list(tmp_path.iterdir()) == []
@@ -89,4 +82,4 @@ def test_the_experiment_trains_the_same_teacher_when_it_has_no_teacher_dir():
     from flashmorph.experiments.config import load_experiment
 
     experiment = load_experiment(ROOT / "recipes" / "experiments" / "selection.yaml")
-    assert experiment.teacher == load_recipe(RECIPE, [], cls=_launcher().TeacherRecipe).teacher
+    assert experiment.teacher == load_recipe(RECIPE, [], cls=teacher_cli.TeacherRecipe).teacher
