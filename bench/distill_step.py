@@ -48,7 +48,7 @@ from bench.common import (GIB, OOM, Ratio, Results, allocated, base_parser, bise
 from bench.flops import attention_flops_per_token, matmul_params, mfu, model_flops_per_token, peak_flops
 from bench.hybrid_inference import layer_layouts
 from bench.morph_steps import build_morphable, enable_activation_checkpointing, set_mode, train_step
-from flashmorph.distill_config import DistillConfig
+from flashmorph.config import DistillConfig
 from flashmorph.estimate import EstimateSetup, estimate, max_seq_len, shape_from_hf_config
 
 TITLE = "P5/P6: distillation step MFU, longest trainable context, memory estimator check"

@@ -48,8 +48,7 @@ from bench.common import (GIB, ROOT, SHAPES, Ratio, Results, allocated, format_b
 from bench.distill_step import dtype_name, random_tokens
 from bench.hybrid_inference import layer_layouts
 from bench.morph_steps import enable_activation_checkpointing
-from flashmorph.config import SearchConfig
-from flashmorph.distill_config import DistillConfig
+from flashmorph.config import DistillConfig, SearchConfig
 from flashmorph.estimate import EstimateSetup, estimate, shape_from_hf_config
 
 STEPS = ("nccl", "gate", "sp", "tp")

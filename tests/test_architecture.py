@@ -15,7 +15,7 @@ LAYERS = (
     ("parallel", ("flashmorph.parallel",)),
     ("checkpoint", ("flashmorph.checkpoint",)),
     ("run_dir", ("flashmorph.run_dir",)),
-    ("config", ("flashmorph.config", "flashmorph.distill_config", "flashmorph.estimate")),
+    ("config", ("flashmorph.config", "flashmorph.estimate")),
     ("training", ("flashmorph.training",)),
     ("products", ("flashmorph.selection", "flashmorph.evaluation", "flashmorph.export")),
     ("stages", ("flashmorph.stages",)),

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmorph.config import load_recipe, validate_recipe
-from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
+from flashmorph.config import DistillRecipe, load_recipe, validate_distill_recipe, validate_recipe
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ def test_recipe_file_then_overrides(tmp_path):
 
 
 def _recipe_class(path):
-    from flashmorph.distill_config import DistillRecipe
+    from flashmorph.config import DistillRecipe
 
     return DistillRecipe if path.stem.endswith(("_distill", "_long_context")) else GateSearchRecipe
 

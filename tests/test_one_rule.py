@@ -23,7 +23,7 @@ RULES = [
      {"flashmorph/parallel/layout.py"}),
     ("LoRA under tensor parallelism", re.compile(r"peft adapters do not wrap"), {"flashmorph/parallel/layout.py"}),
     ("the full-attention budget", re.compile(r"as a fraction must lie in|round\(budget|budget \* \w+ \+ 0\.5"),
-     {"flashmorph/config.py"}),
+     {"flashmorph/config/validate.py"}),
 ]
 
 

@@ -11,8 +11,7 @@ import argparse
 import os
 import sys
 
-from flashmorph.config import load_recipe
-from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
+from flashmorph.config import DistillRecipe, load_recipe, validate_distill_recipe
 from flashmorph.errors import ConfigError
 from flashmorph.cli._stage import run_stage, stage_parser
 from flashmorph.run_dir import check_resume

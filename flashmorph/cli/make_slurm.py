@@ -125,7 +125,7 @@ def _load_recipe(stage: str, config: str, overrides: list[str]):
 
     if stage == "gate_search":
         return load_recipe(_recipe_path(config), overrides)
-    from flashmorph.distill_config import DistillRecipe
+    from flashmorph.config import DistillRecipe
 
     return load_recipe(_recipe_path(config), overrides, cls=DistillRecipe)
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashmorph.config import SearchConfig, TeacherConfig, load_recipe, resolve_budget, validate_teacher
+from flashmorph.config import (DistillConfig, SearchConfig, TeacherConfig, load_recipe, resolve_budget,
+                               validate_distill_section, validate_teacher)
 from flashmorph.data.config import DataConfig
-from flashmorph.distill_config import DistillConfig, _validate_distill
 from flashmorph.errors import ConfigError
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.shape import ModelShape
@@ -155,7 +155,7 @@ def validate_experiment(cfg: ExperimentConfig) -> ModelShape:
             raise ConfigError(f"ablations.{name}={getattr(abl, name)} must lie in [0, 1)")
     if not 0.0 <= cfg.distill_text_weight < 1.0:
         raise ConfigError(f"distill_text_weight={cfg.distill_text_weight} must lie in [0, 1)")
-    _validate_distill(cfg.distill)
+    validate_distill_section(cfg.distill)
     if cfg.distill.length_schedule:
         raise ConfigError("distill.length_schedule must be empty here: every layout distils at data.seq_len")
     return shape

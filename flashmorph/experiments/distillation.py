@@ -7,9 +7,8 @@ import shutil
 
 import torch
 
-from flashmorph.config import ModelConfig, ParallelConfig, RunConfig
+from flashmorph.config import DistillRecipe, ModelConfig, ParallelConfig, RunConfig, StudentConfig
 from flashmorph.data.text_config import TextDataConfig
-from flashmorph.distill_config import DistillRecipe, StudentConfig
 from flashmorph.evaluation.loading import load_eval_model
 from flashmorph.experiments.bench import Bench, text_corpus
 from flashmorph.experiments.cache import Deadline

@@ -21,7 +21,7 @@ from flashmorph.data.from_model import data_for_model
 from flashmorph.data.length_schedule import LengthSchedule
 from flashmorph.data.mixture import text_retrieval_mixture
 from flashmorph.data.packed_text import PackedTextDataset
-from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
+from flashmorph.config import DistillRecipe, validate_distill_recipe
 from flashmorph.errors import Preempted
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.hybrid import apply_hybrid_layout, read_layout

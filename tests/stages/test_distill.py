@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashmorph.config import load_recipe
-from flashmorph.distill_config import DistillRecipe, validate_distill_recipe
+from flashmorph.config import DistillRecipe, load_recipe, validate_distill_recipe
 from flashmorph.errors import ConfigError
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from helpers.multiproc import run_distributed
