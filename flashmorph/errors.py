@@ -28,3 +28,9 @@ class Preempted(Exception):
         self.step, self.checkpoint, self.reason = step, Path(checkpoint), reason
         super().__init__(f"stopped at step {step} on {reason}; complete checkpoint {self.checkpoint}; "
                          "rerun the same command with --resume to continue")
+
+
+def check_choice(field: str, value, choices) -> None:
+    """The one "unknown value" rule: a one-line ConfigError naming the field, the value and every valid choice."""
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is unknown; use one of {', '.join(str(c) for c in choices)}")

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.shape import ModelShape
 from flashmorph.parallel.layout import DegreeNames, check_layout, check_trainable, resolve_layout
 
@@ -77,8 +77,7 @@ def load_shape(preset: str | None = None, model_dir: str | None = None) -> Model
     if (preset is None) == (model_dir is None):
         raise ConfigError("give exactly one of --preset NAME or --model-dir DIR")
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"--preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
+        check_choice("--preset", preset, PRESETS)
         return PRESETS[preset]
     shape = ModelShape.from_model_dir(model_dir, f"--model-dir {model_dir}", morphable=False)
     return dataclasses.replace(shape, name=str(model_dir))
@@ -145,10 +144,8 @@ def validate(shape: ModelShape, setup: EstimateSetup) -> None:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
     layout = resolve_layout(setup.tensor_parallel, setup.sequence_parallel, setup.gpus, ESTIMATE_NAMES)
     check_layout(layout, shape, setup.seq_len, ESTIMATE_NAMES)
-    if setup.dtype not in DTYPE_BYTES:
-        raise ConfigError(f"dtype={setup.dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
-    if setup.trainable not in TRAINABLE_SETS:
-        raise ConfigError(f"trainable={setup.trainable!r} is unknown; use one of {', '.join(TRAINABLE_SETS)}")
+    check_choice("dtype", setup.dtype, DTYPE_BYTES)
+    check_choice("trainable", setup.trainable, TRAINABLE_SETS)
     if setup.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"zero_stage={setup.zero_stage!r} must be one of 0, 1, 2, 3")
     check_trainable(layout, setup.trainable, ESTIMATE_NAMES)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.errors import ConfigError, FlashMorphError, check_choice
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.hf_dir import validate_model_dir
 from flashmorph.model.shape import read_model_config
@@ -42,8 +42,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     """None (keep the checkpoint's dtype), a torch dtype, or one of TORCH_DTYPES' names."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in TORCH_DTYPES:
-        raise ConfigError(f"--dtype={dtype!r} is unknown; use one of {', '.join(TORCH_DTYPES)}")
+    check_choice("--dtype", dtype, TORCH_DTYPES)
     return TORCH_DTYPES[dtype]
 
 

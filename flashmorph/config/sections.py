@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.config import DTYPES
 
 REGULARIZERS = ("mean", "budget")  # search.regularizer
@@ -18,8 +18,7 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in backward (needed at long context)
 
     def validate_dtype(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype={self.dtype!r} is unknown; use one of {DTYPES}")
+        check_choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 from flashmorph.config.recipes import DistillRecipe, GateSearchRecipe
 from flashmorph.config.sections import (MIN_TEXT_VOCAB, REGULARIZERS, TEACHER_DEVICES, TRAINABLE_SETS, DistillConfig,
                                         TeacherConfig)
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.hf_dir import validate_model_dir
 from flashmorph.model.layout import read_layout
 from flashmorph.model.shape import ModelShape
@@ -63,8 +63,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
     recipe.morph.validate()
     shape = model_shape(recipe)
     num_full_layers(search.budget, shape.num_layers)  # a one-line ConfigError for a budget the model cannot have
-    if search.regularizer not in REGULARIZERS:
-        raise ConfigError(f"search.regularizer={search.regularizer!r} is unknown; use one of {REGULARIZERS}")
+    check_choice("search.regularizer", search.regularizer, REGULARIZERS)
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_bad_steps"):
         if getattr(search, name) < 1:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 1")
@@ -92,8 +91,7 @@ def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
 def validate_teacher(teacher: TeacherConfig) -> None:
     from flashmorph.model.families import SUPPORTED_MODEL_TYPES as FAMILIES
 
-    if teacher.family not in FAMILIES:
-        raise ConfigError(f"teacher.family={teacher.family!r} is unknown; use one of {FAMILIES}")
+    check_choice("teacher.family", teacher.family, FAMILIES)
     if teacher.hidden_size % teacher.num_heads or teacher.num_heads % teacher.num_kv_heads:
         raise ConfigError("teacher.hidden_size must be divisible by teacher.num_heads, and num_heads by num_kv_heads")
     if not teacher.curriculum or min(teacher.curriculum) < 1:
@@ -102,8 +100,7 @@ def validate_teacher(teacher: TeacherConfig) -> None:
         raise ConfigError("teacher.max_steps_per_stage and teacher.batch_size must be >= 1")
     if not 0.0 < teacher.advance_accuracy <= 1.0:
         raise ConfigError(f"teacher.advance_accuracy={teacher.advance_accuracy} must be in (0, 1]; e.g. 0.9")
-    if teacher.device not in TEACHER_DEVICES:
-        raise ConfigError(f"teacher.device={teacher.device!r} is unknown; use one of {TEACHER_DEVICES}")
+    check_choice("teacher.device", teacher.device, TEACHER_DEVICES)
     if min(teacher.text_batch_size, teacher.text_steps, teacher.log_every - 1, teacher.checkpoint_every) < 0:
         raise ConfigError("teacher.text_batch_size, text_steps and checkpoint_every must be >= 0, log_every >= 1")
     uses_text = teacher.text_batch_size > 0 or teacher.text_steps > 0
@@ -152,8 +149,7 @@ def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> Model
 
 
 def validate_distill_section(d: DistillConfig) -> None:
-    if d.trainable not in TRAINABLE_SETS:
-        raise ConfigError(f"distill.trainable={d.trainable!r} is unknown; use one of {TRAINABLE_SETS}")
+    check_choice("distill.trainable", d.trainable, TRAINABLE_SETS)
     if d.trainable == "lora" and (d.lora_rank < 1 or not d.lora_targets):
         raise ConfigError("distill.lora_rank must be >= 1 and distill.lora_targets non-empty, e.g. [q_proj, k_proj, v_proj, o_proj]")
     if d.temperature <= 0:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 
 if TYPE_CHECKING:  # token_space pulls in torch; configs stay importable (and YAML-checkable) without it
     from flashmorph.data.token_space import TokenSpace
@@ -114,8 +114,7 @@ class DataConfig:
             self._validate_pools(space)
 
     def _validate_haystack(self) -> None:
-        if self.haystack not in HAYSTACKS:
-            raise ConfigError(f"data.haystack={self.haystack!r} is unknown; use one of {HAYSTACKS}")
+        check_choice("data.haystack", self.haystack, HAYSTACKS)
         if self.haystack == "text":
             text_builder(self.text_files)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.io.atomic import atomic_write_text
 
 SPLITS = ("train", "eval")
@@ -31,8 +31,7 @@ def module_split(name: str) -> str:
 
 def stdlib_documents(split: str) -> list[tuple[str, str]]:
     """[(module name, source text)] of `split`, sorted by name; a file that is not UTF-8 is skipped."""
-    if split not in SPLITS:
-        raise ConfigError(f"stdlib corpus split={split!r} is unknown; use one of {SPLITS}")
+    check_choice("stdlib corpus split", split, SPLITS)
     documents = []
     for path in sorted(stdlib_dir().glob("*.py")):
         name = path.stem

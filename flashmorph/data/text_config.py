@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashmorph.data.config import TEXT_BUILDERS, check_text_contents
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 
 # text.format -> datasets packaged builder; "auto" picks it from the file suffix (TEXT_BUILDERS)
 FORMAT_BUILDERS = {"json": "json", "jsonl": "json", "text": "text", "parquet": "parquet"}
@@ -26,8 +26,7 @@ class TextDataConfig:
         """Raise ConfigError naming the field and the fix; files are checked only when text is used (weight > 0)."""
         if not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"text.weight={self.weight!r} must lie in [0, 1] (the share of text samples)")
-        if self.format not in TEXT_FORMATS:
-            raise ConfigError(f"text.format={self.format!r} is unknown; use one of {TEXT_FORMATS}")
+        check_choice("text.format", self.format, TEXT_FORMATS)
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"text.text_field={self.text_field!r} must name the column holding the text")
         if self.max_documents is not None and self.max_documents < 1:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from flashmorph.data.from_model import has_tokenizer
-from flashmorph.errors import ConfigError, FlashMorphError
+from flashmorph.errors import ConfigError, FlashMorphError, check_choice
 from flashmorph.model.hf_dir import check_eval_model_dir
 from flashmorph.model.shape import read_model_config  # noqa: F401 (re-exported)
 from flashmorph.model.hybrid import SECTION_KEY
@@ -22,8 +22,7 @@ def is_hybrid_export(model_config: dict) -> bool:
 
 
 def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    check_choice("--dtype", dtype, DTYPES)
 
 
 def check_device(device: str) -> torch.device:

@@ -8,7 +8,7 @@ from typing import Any
 from flashmorph.config import (DistillConfig, SearchConfig, TeacherConfig, load_recipe, resolve_budget,
                                validate_distill_section, validate_teacher)
 from flashmorph.data.config import DataConfig
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.shape import ModelShape
 from flashmorph.selection.baselines import KL_POSITIONS, PERIODIC_VARIANTS
@@ -101,10 +101,8 @@ def teacher_shape(cfg: ExperimentConfig) -> ModelShape:
 
 def validate_experiment(cfg: ExperimentConfig) -> ModelShape:
     """One-line ConfigError on the first problem, before any model is built; returns the teacher shape."""
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"device={cfg.device!r} is unknown; use one of {DEVICES}")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r} is unknown; use one of {DTYPES}")
+    check_choice("device", cfg.device, DEVICES)
+    check_choice("dtype", cfg.dtype, DTYPES)
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={cfg.zero_stage} must be 0, 1, 2 or 3")
     if cfg.teacher_dir is not None and not Path(cfg.teacher_dir).is_dir():
@@ -121,12 +119,9 @@ def validate_experiment(cfg: ExperimentConfig) -> ModelShape:
     layer_budgets(cfg, layers)
     if not sel.random_seeds or len(set(sel.random_seeds)) != len(sel.random_seeds):
         raise ConfigError(f"selection.random_seeds={sel.random_seeds} must list distinct seeds, e.g. [0, 1, 2]")
-    if sel.periodic_variant not in PERIODIC_VARIANTS:
-        raise ConfigError(f"selection.periodic_variant={sel.periodic_variant!r} is unknown; use one of {PERIODIC_VARIANTS}")
-    if sel.kl_positions not in KL_POSITIONS:
-        raise ConfigError(f"selection.kl_positions={sel.kl_positions!r} is unknown; use one of {KL_POSITIONS}")
-    if sel.nll_data not in NLL_DATA:
-        raise ConfigError(f"selection.nll_data={sel.nll_data!r} is unknown; use one of {NLL_DATA}")
+    check_choice("selection.periodic_variant", sel.periodic_variant, PERIODIC_VARIANTS)
+    check_choice("selection.kl_positions", sel.kl_positions, KL_POSITIONS)
+    check_choice("selection.nll_data", sel.nll_data, NLL_DATA)
     if sel.score_batches < 1 or sel.score_batch_size < 1:
         raise ConfigError("selection.score_batches and selection.score_batch_size must be >= 1")
     if search.steps < 1 or search.micro_batch_size < 1 or search.grad_accum_steps < 1 or search.lr <= 0:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 
 DTYPES = ("float32", "bfloat16", "float16")  # the recipe's model.dtype names (torch dtypes: model.load)
 LINEAR_BACKENDS = ("auto", "naive", "fla")
@@ -24,11 +24,8 @@ class MorphConfig:
             raise ConfigError(f"morph.gate_granularity={self.gate_granularity!r} is unknown; use 'layer' or 'head'")
         if not 0.0 < self.gate_init < 1.0:
             raise ConfigError(f"morph.gate_init={self.gate_init} must lie strictly between 0 and 1")
-        if self.linear_backend not in LINEAR_BACKENDS:
-            raise ConfigError(f"morph.linear_backend={self.linear_backend!r} is unknown; use one of {LINEAR_BACKENDS}")
-        if self.qk_source not in QK_SOURCES:
-            raise ConfigError(f"morph.qk_source={self.qk_source!r} is unknown; use one of {QK_SOURCES}")
-        if self.softmax_impl not in SOFTMAX_IMPLS:
-            raise ConfigError(f"morph.softmax_impl={self.softmax_impl!r} is unknown; use one of {SOFTMAX_IMPLS}")
+        check_choice("morph.linear_backend", self.linear_backend, LINEAR_BACKENDS)
+        check_choice("morph.qk_source", self.qk_source, QK_SOURCES)
+        check_choice("morph.softmax_impl", self.softmax_impl, SOFTMAX_IMPLS)
         if self.decay_normalizer <= 0:
             raise ConfigError(f"morph.decay_normalizer={self.decay_normalizer} must be > 0 (Liger uses 16)")

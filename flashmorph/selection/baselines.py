@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.morph import apply_layer_modes, attention_modules
 from flashmorph.selection.discretize import resolve_budget, top_k_indices
@@ -41,8 +41,7 @@ def periodic_indices(num_layers: int, k: int, variant: str = "keep_first") -> li
     """k evenly spaced layers (stride num_layers / k). keep_first starts at layer 0 ([0, 2] of 4), keep_last ends
     at the last layer ([1, 3]), keep_both spans first to last ([0, 3]; k = 1 keeps layer 0), centered sits in the
     middle of each stride."""
-    if variant not in PERIODIC_VARIANTS:
-        raise ConfigError(f"--periodic-variant={variant!r} is unknown; use one of {PERIODIC_VARIANTS}")
+    check_choice("--periodic-variant", variant, PERIODIC_VARIANTS)
     if k == 0:
         return []
     if variant == "keep_first":
@@ -141,10 +140,8 @@ def linearization_scores(lm: nn.Module, morph_config: MorphConfig, batches: Sequ
     "kl": KL from the all-softmax model's next-token distribution, on answer or all positions. Per-token means.
     Costs (num_layers + 1) x len(batches) forward passes.
     """
-    if metric not in METRICS:
-        raise ConfigError(f"metric={metric!r} is unknown; use one of {METRICS}")
-    if positions not in KL_POSITIONS:
-        raise ConfigError(f"--kl-positions={positions!r} is unknown; use one of {KL_POSITIONS}")
+    check_choice("metric", metric, METRICS)
+    check_choice("--kl-positions", positions, KL_POSITIONS)
     if not batches:
         raise ConfigError("no held-out batches to score layers on; set --num-batches >= 1")
     positions = {"retrieval": "answer", "nll": "all", "kl": positions}[metric]

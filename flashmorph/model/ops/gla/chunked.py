@@ -9,16 +9,9 @@ import torch.nn.functional as F
 from flashmorph.model.ops.gla.naive import compute_dtype
 
 
-def gla_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    scale: float = 1.0,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, scale: float = 1.0,
+                initial_state: torch.Tensor | None = None, output_final_state: bool = False, chunk_size: int = 16
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked GLA, same contract as `gla_recurrent_reference`; O(T*C*D + T*D*Dv) work.
 
     Every exponent is a difference of chunk-local cumulative log-decays taken "later minus earlier",

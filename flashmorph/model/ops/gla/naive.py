@@ -14,15 +14,9 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def gla_recurrent_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    scale: float = 1.0,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gla_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                            scale: float = 1.0, initial_state: torch.Tensor | None = None,
+                            output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token GLA recurrence, the ground truth for every other path.
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t.
@@ -46,14 +40,8 @@ def gla_recurrent_reference(
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def gla_step(
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    v_t: torch.Tensor,
-    log_decay_t: torch.Tensor,
-    state: torch.Tensor | None,
-    scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gla_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, log_decay_t: torch.Tensor,
+             state: torch.Tensor | None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: q_t, k_t, log_decay_t [B, 1, H, D], v_t [B, 1, H, Dv], state [B, H, D, Dv] or None.
 
     Returns (o_t [B, 1, H, Dv] in v_t's dtype, new_state [B, H, D, Dv] fp32) for the generation cache.
