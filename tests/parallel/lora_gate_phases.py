@@ -204,3 +204,30 @@ def gate_search_zero(mesh) -> dict:
     engine.destroy()
     return {"losses": losses, "gates": gates, "first_grad": first_grad,
             "coords": (mesh.tp_rank, mesh.sp_rank, mesh.dp_rank)}
+
+
+# ------------------------------------------------------------------------------------------------ in the ranks
+
+GATE_MESHES = {"tp2_dp2": (2, 1), "tp2_sp2": (2, 2), "sp2_dp2": (1, 2)}  # name: (TP, SP) of the 4-rank world
+
+
+def run_phases(info) -> dict:
+    """Every phase on this rank, each on its own mesh; a failure is reported under its key, never hides the rest."""
+    import traceback
+
+    from flashmorph.parallel.layout import resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
+
+    out = {}
+    for name, (tp, sp) in GATE_MESHES.items():
+        mesh = init_mesh(resolve_layout(tp, sp, info.world_size))
+        try:
+            phases = {"gates": gate_search_zero} | ({"lora": lora_tensor_parallel} if name == "tp2_dp2" else {})
+            for phase, fn in phases.items():
+                try:
+                    out[f"{phase}_{name}"] = fn(mesh)
+                except Exception:
+                    out[f"{phase}_{name}"] = {"crash": traceback.format_exc()}
+        finally:
+            destroy_mesh()
+    return out
