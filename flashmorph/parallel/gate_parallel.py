@@ -13,9 +13,6 @@ from flashmorph.parallel.mesh import Mesh
 from flashmorph.parallel.sequence import install_sequence_parallel, shard_sequence
 from flashmorph.parallel.tensor import apply_tensor_parallel
 
-_HOOK_ATTR = "_flashmorph_tp_gate_hook"
-
-
 def parallelize_gate_search(model: nn.Module, mesh: Mesh, micro_batch_size: int) -> nn.Module:
     """Split a MorphableLM (built from unpartitioned weights) over `mesh` in place: megatron TP on its projections
     and Ulysses SP around its attention; call before `zero.initialize_engine(..., mpu=mesh.mpu)`.
@@ -31,8 +28,7 @@ def parallelize_gate_search(model: nn.Module, mesh: Mesh, micro_batch_size: int)
     if mesh.tp_size > 1:
         apply_tensor_parallel(model.lm, mesh)  # refuses per-head gates: each TP rank holds a slice of the heads
         decoder = model.lm.get_decoder()
-        hook = decoder.register_forward_pre_hook(_tp_gate_region(mesh.tp_group), with_kwargs=True)
-        setattr(model, _HOOK_ATTR, hook)
+        decoder.register_forward_pre_hook(_tp_gate_region(mesh.tp_group), with_kwargs=True)
     if mesh.sp_size > 1:
         install_sequence_parallel(model, mesh.sp_group, micro_batch_size)  # after TP: it reads the local heads
     return model

@@ -41,3 +41,11 @@ def test_gate_search_matches_one_process(reference, mesh):
             torch.testing.assert_close(gates, want, **GATE_TOL, msg=lambda m: f"{mesh} rank {rank} step {step}: {m}")
     tp, sp = GATE_MESHES[mesh]
     assert len(coords) == 4 and {c[0] for c in coords} == set(range(tp)) and {c[1] for c in coords} == set(range(sp))
+
+
+def test_parallelize_gate_search_takes_a_morphable_model(tiny_lm):
+    from flashmorph.errors import FlashMorphError
+    from flashmorph.parallel.gate_parallel import parallelize_gate_search
+
+    with pytest.raises(FlashMorphError, match="parallelize_gate_search takes a MorphableLM, got LlamaForCausalLM"):
+        parallelize_gate_search(tiny_lm(), mesh=None, micro_batch_size=1)
