@@ -141,21 +141,22 @@ def gate_batch() -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def _morphable():
+def _morphable(granularity: str):
     from flashmorph.model.config import MorphConfig
     from flashmorph.model.morph import morph_model
 
-    model = morph_model(_tiny(), MorphConfig())
-    with torch.no_grad():  # distinct gates per layer, so a gradient landing on the wrong layer shows
-        model.gates.gate_logits.copy_(torch.tensor([1.5, -0.5]))
+    model = morph_model(_tiny(), MorphConfig(gate_granularity=granularity))
+    logits = model.gates.gate_logits  # [layers] or [layers, heads]
+    with torch.no_grad():  # distinct gates per layer and head, so a gradient landing on the wrong one shows
+        logits.copy_(torch.linspace(1.5, -0.5, logits.numel()).view_as(logits))
     return model
 
 
-def gate_reference() -> dict:
+def gate_reference(granularity: str) -> dict:
     """One process, plain AdamW on the whole batch: the stage's loss (mean answer CE + lambda x regularizer)."""
     from flashmorph.stages.gate_search import regularizer
 
-    model = _morphable()
+    model = _morphable(granularity)
     optimizer = torch.optim.AdamW(model.gates.parameters(), lr=GATE_LR, weight_decay=0.0)
     batch = gate_batch()
     losses, gates, first_grad = [], [], None
@@ -172,7 +173,7 @@ def gate_reference() -> dict:
     return {"losses": losses, "gates": gates, "first_grad": first_grad}
 
 
-def gate_search_zero(mesh) -> dict:
+def gate_search_zero(mesh, granularity: str) -> dict:
     """gate_reference under ZeRO-3 over `mesh`, wired as the gate-search stage should be (see gate_parallel)."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
@@ -182,7 +183,7 @@ def gate_search_zero(mesh) -> dict:
     from flashmorph.stages.gate_search import regularizer
 
     micro = GATE_ROWS // mesh.dp_size
-    model = parallelize_gate_search(_morphable(), mesh, micro_batch_size=micro)
+    model = parallelize_gate_search(_morphable(granularity), mesh, micro_batch_size=micro)
     config = zero.build_ds_config(micro_batch_size=micro, grad_accum_steps=1, world_size=mesh.dp_size,
                                   dtype="float32", zero_stage=3, lr=GATE_LR, weight_decay=0.0, grad_clip=0.0)
     engine = zero.initialize_engine(model, list(model.gates.parameters()), config, mpu=mesh.mpu)
@@ -209,10 +210,13 @@ def gate_search_zero(mesh) -> dict:
 # ------------------------------------------------------------------------------------------------ in the ranks
 
 GATE_MESHES = {"tp2_dp2": (2, 1), "tp2_sp2": (2, 2), "sp2_dp2": (1, 2)}  # name: (TP, SP) of the 4-rank world
+# (mesh, gate granularity); per-head gates cannot run under TP yet (apply_tensor_parallel refuses them)
+GATE_CASES = (("tp2_dp2", "layer"), ("tp2_sp2", "layer"), ("sp2_dp2", "layer"), ("sp2_dp2", "head"))
 
 
 def run_phases(info) -> dict:
     """Every phase on this rank, each on its own mesh; a failure is reported under its key, never hides the rest."""
+    import functools
     import traceback
 
     from flashmorph.parallel.layout import resolve_layout
@@ -222,12 +226,15 @@ def run_phases(info) -> dict:
     for name, (tp, sp) in GATE_MESHES.items():
         mesh = init_mesh(resolve_layout(tp, sp, info.world_size))
         try:
-            phases = {"gates": gate_search_zero} | ({"lora": lora_tensor_parallel} if name == "tp2_dp2" else {})
-            for phase, fn in phases.items():
+            phases = {f"gates_{name}_{kind}": functools.partial(gate_search_zero, granularity=kind)
+                      for case, kind in GATE_CASES if case == name}
+            if name == "tp2_dp2":
+                phases["lora_tp2_dp2"] = lora_tensor_parallel
+            for key, fn in phases.items():
                 try:
-                    out[f"{phase}_{name}"] = fn(mesh)
+                    out[key] = fn(mesh)
                 except Exception:
-                    out[f"{phase}_{name}"] = {"crash": traceback.format_exc()}
+                    out[key] = {"crash": traceback.format_exc()}
         finally:
             destroy_mesh()
     return out
