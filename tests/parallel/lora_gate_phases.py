@@ -47,16 +47,20 @@ def _lora_student(mesh=None):
                          tensor_parallel=mesh is not None)
 
 
+def _distill_batch() -> dict:
+    from flashmorph.parallel.sequence import shard_sequence
+
+    ids = _ids(2, 16)
+    return shard_sequence(ids, ids, 0, 1)
+
+
 def _distill_step(student) -> tuple[float, dict]:
     """One distill loss (the student's own softmax teacher, adapters off) and an SGD step on the adapters; returns
     the loss and the adapter gradients."""
-    from flashmorph.parallel.sequence import shard_sequence
     from flashmorph.training.distill_model import DistillModel
 
-    model = DistillModel(student, None, **DISTILL)
-    ids = _ids(2, 16)
-    shard = shard_sequence(ids, ids, 0, 1)
-    sums = model(shard["input_ids"], shard["position_ids"], shard["shift_labels"])
+    batch = _distill_batch()
+    sums = DistillModel(student, None, **DISTILL)(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
     sums["loss_sum"].backward()
     adapters = [p for p in student.parameters() if p.requires_grad]
     grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.requires_grad}
@@ -88,10 +92,11 @@ def lora_reference(root: Path) -> dict:
     student = _lora_student()
     _random_adapters(student)
     lora.save_adapter(student, zero.gather_state_dict(student, keep=True), root / "initial")
+    initial = {name: p.detach().clone() for name, p in student.named_parameters() if p.requires_grad}
     loss, grads = _distill_step(student)
     state = zero.gather_state_dict(student, keep=True)
     lora.save_adapter(student, state, root / "trained")
-    return {"loss": loss, "grads": grads, "adapter": _read_adapter(root / "trained"),
+    return {"loss": loss, "grads": grads, "initial": initial, "adapter": _read_adapter(root / "trained"),
             "merged": lora.merge_lora_state(state, LORA_ALPHA / LORA_RANK)}
 
 
@@ -113,10 +118,43 @@ def lora_tensor_parallel(mesh) -> dict:
         state = gather_lora_model_state(student, mesh)
         lora.save_adapter(student, state, root / "tp")
         adapter = _read_adapter(root / "tp")
+        zero_run = _lora_zero(mesh, root / "initial")
     fresh = _fresh_tp_adapters(mesh)
     return {"reference": reference, "loss": loss, "grads": grads, "adapter": adapter, "local_shapes": local_shapes,
             "module_types": module_types, "merged": lora.merge_lora_state(state, LORA_ALPHA / LORA_RANK),
-            "fresh": fresh}
+            "fresh": fresh, "zero": zero_run}
+
+
+def _lora_zero(mesh, initial: Path) -> dict:
+    """The distill stage's engine: ZeRO-3 over the mesh on the TP student's adapters (both DP replicas on the same
+    rows, so the DP average is one replica's gradient); the first gradient, and the adapters gathered after a step
+    (ZeRO-3 partitions, then TP slices)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from flashmorph.parallel import zero
+    from flashmorph.parallel.lora_tp import gather_lora_model_state, lora_tp_rule
+    from flashmorph.parallel.tensor import gather_tensor_parallel
+    from flashmorph.training import lora
+    from flashmorph.training.distill_model import DistillModel
+
+    student = _lora_student(mesh)
+    lora.load_adapter(student, initial, tensor_parallel=True)
+    adapters = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    config = zero.build_ds_config(micro_batch_size=2, grad_accum_steps=1, world_size=mesh.dp_size, dtype="float32",
+                                  zero_stage=3, lr=1e-2, weight_decay=0.0, grad_clip=1.0)
+    engine = zero.initialize_engine(DistillModel(student, None, **DISTILL), list(adapters.values()), config,
+                                    mpu=mesh.mpu)
+    batch = _distill_batch()
+    sums = engine(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
+    engine.backward(sums["loss_sum"])
+    grads = {name: gather_tensor_parallel(name, safe_get_full_grad(p).detach().clone(), mesh, lora_tp_rule(name))
+             for name, p in adapters.items()}
+    engine.step()
+    state = gather_lora_model_state(student, mesh)
+    out = {"loss": sums["loss_sum"].item(), "grads": grads, "norm": float(engine.get_global_grad_norm()),
+           "adapters": {name: state[name] for name in adapters}}
+    engine.destroy()
+    return out
 
 
 def _fresh_tp_adapters(mesh) -> dict:

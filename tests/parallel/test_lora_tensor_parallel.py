@@ -91,3 +91,24 @@ def test_lora_tp_rules():
     assert lora_tp_rule(prefix + "self_attn.q_proj.base_layer.weight") == column
     with pytest.raises(CheckpointError, match="no tensor-parallel rule"):
         lora_tp_rule(prefix + "self_attn.rotary.lora_A.weight")
+
+
+def test_zero3_over_the_mesh_trains_tp_adapters_like_one_process(ranks):
+    """The distill stage's engine (ZeRO-3, mesh mpu) around the TP student: same loss and adapter gradients, a grad
+    norm that counts split adapters on every TP rank and whole ones once, and AdamW's first step on the adapters."""
+    for rank, got in enumerate(ranks):
+        want, zero = got["reference"], got["zero"]
+        assert zero["loss"] == pytest.approx(want["loss"], **LOSS_TOL), rank
+        assert set(zero["grads"]) == set(want["grads"])
+        for name, grad in want["grads"].items():
+            torch.testing.assert_close(zero["grads"][name], grad, **TOL, msg=lambda m: f"{name}, rank {rank}: {m}")
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want["grads"].values()])).item()
+        assert zero["norm"] == pytest.approx(norm, rel=1e-4), rank
+        for name, start in want["initial"].items():
+            # AdamW's first step moves each entry by lr x g / (|g| + eps): lr (1e-2) times the gradient's sign
+            grad = want["grads"][name]
+            step = zero["adapters"][name] - start
+            sure = grad.abs() > 1e-3  # where neither rounding nor eps (1e-8) moves the step
+            torch.testing.assert_close(step[sure], -1e-2 * grad[sure].sign(), atol=1e-5, rtol=0.0,
+                                       msg=lambda m: f"{name}, rank {rank}: {m}")
+            assert step.abs().max() <= 1e-2 + 1e-6, name
