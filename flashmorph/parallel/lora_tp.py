@@ -60,16 +60,24 @@ class TensorParallelLoraLinear(LoraParallelLinear):
 
     def reset_lora_parameters(self, adapter_name, init_lora_weights) -> None:
         super().reset_lora_parameters(adapter_name, init_lora_weights)
-        if self.is_parallel_a and init_lora_weights is True and adapter_name in self.lora_A:
-            self._kaiming_like_unsplit(self.lora_A[adapter_name].weight)
-
-    def _kaiming_like_unsplit(self, local: torch.Tensor) -> None:
-        """peft's kaiming init of a split lora_A drew from the slice's fan-in (in / tp); draw the whole [r, in]
-        matrix as TP=1 would (the same on every TP rank: same seed, same draws) and keep this rank's columns."""
+        if adapter_name not in self.lora_A:
+            return
         group = self.get_base_layer().tp_group
+        src = dist.get_global_rank(group, 0)
+        # every TP rank must hold the same whole adapter (a seed drawn differently would go unnoticed until export)
+        whole = self.lora_B[adapter_name] if self.is_parallel_a else self.lora_A[adapter_name]
+        dist.broadcast(whole.weight.data, src, group=group)
+        if self.is_parallel_a and init_lora_weights is True:
+            self._kaiming_like_unsplit(self.lora_A[adapter_name].weight, group, src)
+
+    @staticmethod
+    def _kaiming_like_unsplit(local: torch.Tensor, group, src: int) -> None:
+        """peft's kaiming init of a split lora_A drew from the slice's fan-in (in / tp); draw the whole [r, in]
+        matrix as TP=1 would, on TP rank 0, and keep this rank's columns of it."""
         tp, tp_rank = dist.get_world_size(group), dist.get_rank(group)
         full = torch.empty(local.shape[0], local.shape[1] * tp, dtype=local.dtype, device=local.device)
         nn.init.kaiming_uniform_(full, a=math.sqrt(5))  # [r, in]
+        dist.broadcast(full, src, group=group)
         with torch.no_grad():
             local.copy_(full.chunk(tp, dim=1)[tp_rank])
 
