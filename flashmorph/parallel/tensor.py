@@ -226,9 +226,11 @@ def tensor_parallel_state(lm: nn.Module) -> TensorParallelState | None:
     return getattr(lm, _STATE_ATTR, None)
 
 
-def gather_tensor_parallel(name: str, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """The full HF tensor `name` (a weight or its gradient) from every TP rank's slice (collective over TP)."""
-    rule = tp_rules.tp_rule(name)
+def gather_tensor_parallel(name: str, local: torch.Tensor, mesh: Mesh,
+                           rule: tp_rules.TPRule | None = None) -> torch.Tensor:
+    """The full HF tensor `name` (a weight or its gradient) from every TP rank's slice (collective over TP);
+    `rule` overrides the TP rule of `name` (e.g. parallel.lora_tp's, for peft-named weights)."""
+    rule = tp_rules.tp_rule(name) if rule is None else rule
     if not _local_rule(rule, mesh.tp_size):
         return local
     pieces = [torch.empty_like(local) for _ in range(mesh.tp_size)]
@@ -236,13 +238,16 @@ def gather_tensor_parallel(name: str, local: torch.Tensor, mesh: Mesh) -> torch.
     return tp_rules.merge_from_tp(pieces, rule, name)
 
 
-def gather_tensor_parallel_state(lm: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
+def gather_tensor_parallel_state(lm: nn.Module, mesh: Mesh, rule_of=tp_rules.tp_rule,
+                                 keep: bool = True) -> dict[str, torch.Tensor] | None:
     """The model's full parameters under HF names (CPU copies), gathered over ZeRO-3 partitions (if any) and TP
-    slices one tensor at a time; every rank must call it and every rank gets the result."""
+    slices one tensor at a time (each split by `rule_of(name)`); every rank must call it, `keep` ranks get it."""
     from flashmorph.parallel.zero import gathered
 
-    state = {}
+    state = {} if keep else None
     for name, param in lm.named_parameters():
         with gathered([param]):
-            state[name] = gather_tensor_parallel(name, param.detach(), mesh).cpu().clone()
+            full = gather_tensor_parallel(name, param.detach(), mesh, rule_of(name))
+            if keep:
+                state[name] = full.cpu().clone()
     return state

@@ -11,12 +11,18 @@ from flashmorph.io import atomic as io_atomic
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def add_lora(lm: nn.Module, *, rank: int, alpha: float, targets: list[str], layers: list[int] | None) -> nn.Module:
-    """Wrap `lm` with peft LoRA adapters on `targets` in `layers` (None = every layer); base weights stay frozen."""
+def add_lora(lm: nn.Module, *, rank: int, alpha: float, targets: list[str], layers: list[int] | None,
+             tensor_parallel: bool = False) -> nn.Module:
+    """Wrap `lm` with peft LoRA adapters on `targets` in `layers` (None = every layer); base weights stay frozen.
+    `tensor_parallel`: `lm` went through parallel.tensor.apply_tensor_parallel, so adapters split like its layers."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                         layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
+    if tensor_parallel:
+        from flashmorph.parallel.lora_tp import register_tensor_parallel_lora
+
+        register_tensor_parallel_lora(config)
     return get_peft_model(lm, config)
 
 
@@ -34,14 +40,20 @@ def save_adapter(peft_model: nn.Module, full_state: dict[str, torch.Tensor], out
     peft_model.peft_config["default"].save_pretrained(str(out_dir))
 
 
-def load_adapter(peft_model: nn.Module, adapter_dir: Path) -> None:
-    """Load adapter weights written by save_adapter (hash-verified) into a model wrapped with the same config."""
+def load_adapter(peft_model: nn.Module, adapter_dir: Path, tensor_parallel: bool = False) -> None:
+    """Load adapter weights written by save_adapter (hash-verified) into a model wrapped with the same config;
+    with `tensor_parallel` (add_lora's), each TP rank takes its slices of the whole adapters in the file."""
     from peft import set_peft_model_state_dict
 
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; student.init_from must be a finished LoRA distill run")
-    result = set_peft_model_state_dict(peft_model, io_atomic.load_safetensors_verified(path))
+    tensors = io_atomic.load_safetensors_verified(path)
+    if tensor_parallel:
+        from flashmorph.parallel.lora_tp import slice_adapter_state
+
+        tensors = slice_adapter_state(tensors, peft_model)
+    result = set_peft_model_state_dict(peft_model, tensors)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise CheckpointError(f"{path} holds adapters this recipe does not create ({unexpected[0]}, ...); "

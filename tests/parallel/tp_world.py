@@ -4,6 +4,7 @@ start-up (torch + deepspeed imports on every rank), not the tiny models, is what
 Phase 1, TP=2 x DP=2: every TP pair compares TP=2 with the unsplit model, then ZeRO-3 trains over the mesh.
 Phase 2, TP=2 x SP=2: group memberships, the mpu DeepSpeed reads, where ZeRO partitions and reduces, and a hybrid
 under TP and Ulysses SP at once.
+Then lora_gate_phases.py: LoRA under TP, and gate search under TP, SP and both (its own meshes).
 """
 
 import copy
@@ -256,11 +257,15 @@ def _compose_tp_sp(mesh) -> dict:
 
 
 def _rank_body(info, shard_dirs: dict) -> dict:
+    from lora_gate_phases import run_phases
+
     out = {"tp_dp": _phase_tp_dp(info, shard_dirs)}
     try:
         out["tp_sp"] = _phase_tp_sp(info)
     except Exception:  # keep phase 1's results for test_tensor_parallel; test_mesh reports this failure
         out["tp_sp"] = {"crash": traceback.format_exc()}
+    # LoRA under TP and gate search under TP / SP (test_lora_tensor_parallel.py, test_gate_parallel.py)
+    out["lora_gates"] = run_phases(info)
     return out
 
 
