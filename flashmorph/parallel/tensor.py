@@ -105,10 +105,13 @@ def _parallel_linear(kind: str, old: nn.Linear, mesh: Mesh) -> nn.Module:
                                  perform_initialization=False, params_dtype=old.weight.dtype)
     common = dict(config=config, init_method=_no_init, bias=old.bias is not None, skip_bias_add=False,
                   tp_group=mesh.tp_group)
-    if kind == tp_rules.COLUMN:
-        layer = HFColumnParallelLinear(old.in_features, old.out_features, gather_output=False, **common)
-    else:
-        layer = HFRowParallelLinear(old.in_features, old.out_features, input_is_parallel=True, **common)
+    # built where `old` lives: on the meta device (sharded_load) a CPU build moved there would allocate a slice
+    # for nothing and lose megatron's parameter attributes (moving to meta makes new Parameter objects)
+    with torch.device(old.weight.device):
+        if kind == tp_rules.COLUMN:
+            layer = HFColumnParallelLinear(old.in_features, old.out_features, gather_output=False, **common)
+        else:
+            layer = HFRowParallelLinear(old.in_features, old.out_features, input_is_parallel=True, **common)
     # perform_initialization=False skips the call that tags TP weights; DeepSpeed's grad norm (clipping) counts a
     # weight on every TP rank only when it carries these attributes, otherwise on TP rank 0 alone
     if not hasattr(layer.weight, "tensor_model_parallel"):

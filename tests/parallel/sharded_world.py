@@ -1,0 +1,136 @@
+"""Rank body of the sharded-load test (test_sharded_load.py) and of its bigger measurement: build on meta, read this
+rank's TP slices, and report what the load and one forward add to the process's memory, and the logits of a batch.
+
+Bigger measurement (docs/parallelism.md): python tests/parallel/sharded_world.py --hidden 1024 --vocab 4096
+"""
+
+import argparse
+import gc
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+BATCH_SEED, ROWS, SEQ = 7, 2, 16
+TP_DEGREES = (4, 2, 1)  # measured in this order in one 4-rank world (TP=1 and TP=2 run with DP=4 and DP=2)
+
+
+def model_config(hidden: int = 512, vocab: int = 2048, layers: int = 4):
+    """A Llama with 8 query and 4 kv heads (so TP=4 holds one kv head per rank) and MLP width 4 x hidden."""
+    from flashmorph.model.tiny import tiny_config
+
+    return tiny_config("llama", num_layers=layers, hidden_size=hidden, num_heads=8, num_kv_heads=4, vocab_size=vocab,
+                       intermediate_size=4 * hidden)
+
+
+def batch(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(BATCH_SEED))
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class PeakRSS:
+    """The highest resident set size seen while open, polled every millisecond. ru_maxrss cannot serve: the imports
+    (deepspeed, megatron) peak higher than a small model's load, and it never comes down for a second load."""
+
+    def __init__(self):
+        self.peak = self.start = 0
+        self._stop = threading.Event()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self.start = self.peak = current_rss_bytes()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
+
+
+def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor) -> dict:
+    from flashmorph.parallel.layout import resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
+    from flashmorph.parallel.sharded_load import load_sharded_causal_lm
+
+    mesh = init_mesh(resolve_layout(tp, 1, world_size))
+    try:
+        with PeakRSS() as rss, torch.no_grad():
+            lm = load_sharded_causal_lm(model_dir, mesh, dtype="float32")
+            logits = lm(input_ids=ids, use_cache=False).logits  # touches every weight
+        params = list(lm.parameters())
+        attn = lm.model.layers[0].self_attn
+        out = {"peak_bytes": rss.increase, "param_bytes": sum(p.numel() * p.element_size() for p in params),
+               "logits": logits, "q_rows": attn.q_proj.weight.shape[0],
+               "on_meta": [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta],
+               "tp_tagged": getattr(attn.o_proj.weight, "tensor_model_parallel", None),
+               "tied": lm.lm_head.weight is lm.model.embed_tokens.weight,
+               "inv_freq": lm.model.rotary_emb.inv_freq.clone()}
+        del lm, params, attn
+        return out
+    finally:
+        destroy_mesh()
+        gc.collect()
+
+
+def sharded_ranks(info, model_dir: str, vocab_size: int) -> dict:
+    """Every TP degree of TP_DEGREES on this world, one after the other; {tp: this rank's result}."""
+    from transformers import AutoConfig
+
+    from flashmorph.parallel.sharded_load import build_empty_causal_lm
+
+    # the lazy imports of the first build (transformers' llama module, accelerate) are not the load's memory
+    build_empty_causal_lm(AutoConfig.from_pretrained(model_dir), torch.float32)
+    gc.collect()
+    ids = batch(vocab_size)
+    return {tp: _load_and_run(model_dir, tp, info.world_size, ids) for tp in TP_DEGREES}
+
+
+def write_model(model_dir: Path, config) -> int:
+    """Random weights of `config` saved as a HF directory; returns their bytes."""
+    from flashmorph.model.tiny import build_tiny_model
+
+    lm = build_tiny_model(config)
+    lm.save_pretrained(model_dir)
+    return sum(p.numel() * p.element_size() for p in lm.parameters())
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.multiproc
+    from helpers.multiproc import run_distributed
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        total = write_model(Path(tmp), model_config(args.hidden, args.vocab, args.layers))
+        ranks = run_distributed(sharded_ranks, 4, tmp, args.vocab, timeout=1200)
+    print(f"model: {total / 2**20:.1f} MiB fp32 (hidden {args.hidden}, vocab {args.vocab}, {args.layers} layers)")
+    for tp in sorted(TP_DEGREES):
+        peaks = [out[tp]["peak_bytes"] / 2**20 for out in ranks]
+        print(f"TP={tp}: parameters per rank {ranks[0][tp]['param_bytes'] / 2**20:.1f} MiB, peak RSS increase per "
+              f"rank (load + one forward) {min(peaks):.1f}-{max(peaks):.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Sharded load (flashmorph.parallel.sharded_load) on one 4-rank gloo world: the model is built on meta and each
+rank reads only its TP slices, under TP=4, 2 and 1 in turn. Logits equal the plain single-process load, and each
+rank's memory is its shard (1/TP of the projections, plus the replicated embedding, lm_head and norms) plus one
+tensor in flight."""
+
+import pytest
+import torch
+from helpers.multiproc import run_distributed
+from sharded_world import TP_DEGREES, batch, model_config, sharded_ranks, write_model
+
+from flashmorph.model.load import load_causal_lm
+
+HIDDEN, VOCAB = 512, 2048  # 71 MiB of fp32 weights: large against RSS noise (a few MiB), small for CI
+SLACK = 12 * 2**20  # allocator and interpreter noise of one load (measured: under 5 MiB beside the shard)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("sharded_llama")
+    total = write_model(model_dir, model_config(HIDDEN, VOCAB))
+    reference = load_causal_lm(model_dir, "float32")
+    with torch.no_grad():
+        logits = reference(input_ids=batch(VOCAB), use_cache=False).logits
+    return {"ranks": run_distributed(sharded_ranks, 4, str(model_dir), VOCAB), "total_bytes": total,
+            "ref_logits": logits, "ref_inv_freq": reference.model.rotary_emb.inv_freq}
+
+
+@pytest.mark.parametrize("tp", TP_DEGREES)
+def test_sharded_load_matches_single_process(world, tp):
+    for rank, out in enumerate(world["ranks"]):
+        got = out[tp]
+        assert got["on_meta"] == [], (tp, rank)
+        assert got["q_rows"] == 512 // tp, "each rank holds 8 / TP query heads of width 64"
+        assert got["tied"] is False and torch.equal(got["inv_freq"], world["ref_inv_freq"])
+        if tp == 1:  # no split, no swapped layers: the very same arithmetic
+            assert torch.equal(got["logits"], world["ref_logits"]), rank
+        else:  # row-parallel partial sums are all-reduced: only the summation order differs (measured 3e-6)
+            assert got["tp_tagged"] is True, "megatron's TP tags must survive the load (DeepSpeed's grad norm)"
+            torch.testing.assert_close(got["logits"], world["ref_logits"], atol=2e-5, rtol=1e-5)
+
+
+def test_sharded_load_memory_scales_with_one_over_tp(world):
+    config = model_config(HIDDEN, VOCAB)
+    # the largest tensor read whole before its slice is copied out: down_proj (or the embedding, read whole)
+    largest = 4 * max(config.intermediate_size * HIDDEN, VOCAB * HIDDEN)
+    peaks = {tp: max(out[tp]["peak_bytes"] for out in world["ranks"]) for tp in TP_DEGREES}
+    for tp in TP_DEGREES:
+        shard = world["ranks"][0][tp]["param_bytes"]
+        if tp == 1:
+            assert shard == world["total_bytes"]
+        # the measurement sees the load (every weight is touched by the forward) and nothing beyond one tensor
+        assert 0.9 * shard < peaks[tp] < shard + largest + SLACK, (tp, shard, peaks[tp])
+    assert peaks[4] < 0.5 * peaks[1], peaks
+    assert peaks[2] < 0.75 * peaks[1], peaks
