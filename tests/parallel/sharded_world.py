@@ -5,6 +5,7 @@ Bigger measurement (docs/parallelism.md): python tests/parallel/sharded_world.py
 """
 
 import argparse
+import ctypes
 import gc
 import resource
 import sys
@@ -88,6 +89,8 @@ def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor) -
     finally:
         destroy_mesh()
         gc.collect()
+        # hand freed heap back to the OS, or the next degree's load reuses it unseen and measures low
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def sharded_ranks(info, model_dir: str, vocab_size: int) -> dict:
