@@ -13,7 +13,7 @@ from torch import nn
 from flashmorph.model.shape import ModelShape
 from flashmorph.parallel import tp_rules
 from flashmorph.parallel.layout import ParallelLayout
-from flashmorph.parallel.tensor import _local_rule
+from flashmorph.parallel.tensor import holds_slice
 
 
 @functools.lru_cache(maxsize=16)
@@ -48,13 +48,13 @@ def rank_params(shape: ModelShape, tp: int) -> RankParams:
     by_kind: dict[str, int] = {}
     for name, param in lm.named_parameters():
         rule = tp_rules.tp_rule(name)
-        local = param.numel() // tp if _local_rule(rule, tp) else param.numel()
+        local = param.numel() // tp if holds_slice(rule, tp) else param.numel()
         copies = layers if ".layers.0." in name else 1
         total += copies * param.numel()
         per_rank += copies * local
         if copies > 1:
             layer_local += local
-        kind = rule.kind if _local_rule(rule, tp) or rule.kind != tp_rules.VOCAB else tp_rules.REPLICATED
+        kind = tp_rules.REPLICATED if rule.kind == tp_rules.VOCAB else rule.kind  # no vocab split in a live model
         by_kind[kind] = by_kind.get(kind, 0) + copies * local
     return RankParams(total, per_rank, layer_local, by_kind)
 

@@ -17,7 +17,7 @@ from flashmorph.model.hf_dir import read_safetensors_header, validate_model_dir,
 from flashmorph.model.load import torch_dtype
 from flashmorph.parallel import tp_rules
 from flashmorph.parallel.mesh import Mesh
-from flashmorph.parallel.tensor import _local_rule, apply_tensor_parallel
+from flashmorph.parallel.tensor import apply_tensor_parallel, holds_slice
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def read_tp_slice(path: Path, name: str, full_shape: tuple[int, ...], rule: tp_r
     safe_open(...).get_slice; only that piece outlives the call."""
     # a handle per tensor: its memory map (whose touched pages count as this process's memory) ends with it
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        if not _local_rule(rule, tp):
+        if not holds_slice(rule, tp):
             return handle.get_tensor(name)
         width = full_shape[rule.split_dim] // tp
         start, stop = tp_rank * width, (tp_rank + 1) * width

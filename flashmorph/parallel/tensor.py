@@ -189,7 +189,7 @@ def _copy_slices(new: nn.Module, old: nn.Linear, module_name: str, shape: ModelS
             param.copy_(tp_rules.split_for_tp(full, rule, tp)[tp_rank])
 
 
-def _local_rule(rule: tp_rules.TPRule, tp: int) -> bool:
+def holds_slice(rule: tp_rules.TPRule, tp: int) -> bool:
     """Whether this process holds a slice (not the whole tensor) of a weight split by `rule`."""
     return tp > 1 and rule.kind in (tp_rules.COLUMN, tp_rules.ROW)
 
@@ -211,7 +211,7 @@ def load_tensor_parallel_shards(lm: nn.Module, shards: str | Path, tp: int, tp_r
         raise CheckpointError(f"the TP shards in {shards} {what}; they were written for another model")
     for name, target in targets.items():
         rule = tp_rules.tp_rule(name)
-        if not _local_rule(rule, tp):
+        if not holds_slice(rule, tp):
             value = source.get(name)  # replicated, or vocab-split in the files and replicated here: merged
         elif own_file is not None:
             value = own_file.get(tp_rules.hf_to_tp_name(name))
@@ -232,7 +232,7 @@ def tensor_parallel_state(lm: nn.Module) -> TensorParallelState | None:
 def gather_tensor_parallel(name: str, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """The full HF tensor `name` (a weight or its gradient) from every TP rank's slice (collective over TP)."""
     rule = tp_rules.tp_rule(name)
-    if not _local_rule(rule, mesh.tp_size):
+    if not holds_slice(rule, mesh.tp_size):
         return local
     pieces = [torch.empty_like(local) for _ in range(mesh.tp_size)]
     dist.all_gather(pieces, local.contiguous(), group=mesh.tp_group)

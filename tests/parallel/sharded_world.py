@@ -1,7 +1,8 @@
 """Rank body of the sharded-load test (test_sharded_load.py) and of its bigger measurement: build on meta, read this
 rank's TP slices, and report what the load and one forward add to the process's memory, and the logits of a batch.
 
-Bigger measurement (docs/parallelism.md): python tests/parallel/sharded_world.py --hidden 1024 --vocab 4096
+Bigger measurements (docs/parallelism.md): python tests/parallel/sharded_world.py --hidden 1024 --vocab 4096
+and the 70B-shaped training step: python tests/parallel/sharded_world.py --llama70b-scaled --layers 2
 """
 
 import argparse
@@ -26,6 +27,16 @@ def model_config(hidden: int = 512, vocab: int = 2048, layers: int = 4):
 
     return tiny_config("llama", num_layers=layers, hidden_size=hidden, num_heads=8, num_kv_heads=4, vocab_size=vocab,
                        intermediate_size=4 * hidden)
+
+
+def scaled_70b_config(layers: int = 2):
+    """Llama-3-70B's structure at CPU size: its 64 query and 8 kv heads (GQA 8, so TP=8 still holds whole kv heads),
+    MLP/hidden ratio 3.5 and vocab/hidden ratio 15.66 kept; head_dim 128 -> 16 (so hidden 8192 -> 1024),
+    intermediate 28672 -> 3584, vocab 128256 -> 16032, 80 layers -> `layers`."""
+    from flashmorph.model.tiny import tiny_config
+
+    return tiny_config("llama", num_layers=layers, hidden_size=1024, num_heads=64, num_kv_heads=8, vocab_size=16032,
+                       intermediate_size=3584)
 
 
 def batch(vocab_size: int) -> torch.Tensor:
@@ -66,20 +77,32 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor) -> dict:
+def _train_step(lm, ids: torch.Tensor) -> float:
+    """Forward, backward and one AdamW step on every parameter; the loss before the step."""
+    lm.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    loss = lm(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor, train: bool = False) -> dict:
     from flashmorph.parallel.layout import resolve_layout
     from flashmorph.parallel.mesh import destroy_mesh, init_mesh
     from flashmorph.parallel.sharded_load import load_sharded_causal_lm
 
     mesh = init_mesh(resolve_layout(tp, 1, world_size))
     try:
-        with PeakRSS() as rss, torch.no_grad():
+        with PeakRSS() as rss:
             lm = load_sharded_causal_lm(model_dir, mesh, dtype="float32")
-            logits = lm(input_ids=ids, use_cache=False).logits  # touches every weight
+            with torch.no_grad():
+                logits = lm(input_ids=ids, use_cache=False).logits  # touches every weight
+            loss = _train_step(lm, ids) if train else None
         params = list(lm.parameters())
         attn = lm.model.layers[0].self_attn
         out = {"peak_bytes": rss.increase, "param_bytes": sum(p.numel() * p.element_size() for p in params),
-               "logits": logits, "q_rows": attn.q_proj.weight.shape[0],
+               "logits": logits, "loss": loss, "q_rows": attn.q_proj.weight.shape[0],
                "on_meta": [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta],
                "tp_tagged": getattr(attn.o_proj.weight, "tensor_model_parallel", None),
                "tied": lm.lm_head.weight is lm.model.embed_tokens.weight,
@@ -93,7 +116,7 @@ def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor) -
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def sharded_ranks(info, model_dir: str, vocab_size: int) -> dict:
+def sharded_ranks(info, model_dir: str, vocab_size: int, train: bool = False) -> dict:
     """Every TP degree of TP_DEGREES on this world, one after the other; {tp: this rank's result}."""
     from transformers import AutoConfig
 
@@ -103,7 +126,7 @@ def sharded_ranks(info, model_dir: str, vocab_size: int) -> dict:
     build_empty_causal_lm(AutoConfig.from_pretrained(model_dir), torch.float32)
     gc.collect()
     ids = batch(vocab_size)
-    return {tp: _load_and_run(model_dir, tp, info.world_size, ids) for tp in TP_DEGREES}
+    return {tp: _load_and_run(model_dir, tp, info.world_size, ids, train) for tp in TP_DEGREES}
 
 
 def write_model(model_dir: Path, config) -> int:
@@ -123,15 +146,23 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--llama70b-scaled", action="store_true",
+                        help="scaled_70b_config (its --layers) instead of --hidden/--vocab, and a training step")
     args = parser.parse_args(argv)
+    config = scaled_70b_config(args.layers) if args.llama70b_scaled else model_config(args.hidden, args.vocab,
+                                                                                      args.layers)
     with tempfile.TemporaryDirectory() as tmp:
-        total = write_model(Path(tmp), model_config(args.hidden, args.vocab, args.layers))
-        ranks = run_distributed(sharded_ranks, 4, tmp, args.vocab, timeout=1200)
-    print(f"model: {total / 2**20:.1f} MiB fp32 (hidden {args.hidden}, vocab {args.vocab}, {args.layers} layers)")
+        total = write_model(Path(tmp), config)
+        ranks = run_distributed(sharded_ranks, 4, tmp, config.vocab_size, args.llama70b_scaled, timeout=1800)
+    print(f"model: {total / 2**20:.1f} MiB fp32 (hidden {config.hidden_size}, {config.num_attention_heads} heads, "
+          f"{config.num_key_value_heads} kv heads, MLP {config.intermediate_size}, vocab {config.vocab_size}, "
+          f"{config.num_hidden_layers} layers)")
+    what = "load + forward + backward + AdamW step" if args.llama70b_scaled else "load + one forward"
     for tp in sorted(TP_DEGREES):
         peaks = [out[tp]["peak_bytes"] / 2**20 for out in ranks]
+        loss = ranks[0][tp]["loss"]
         print(f"TP={tp}: parameters per rank {ranks[0][tp]['param_bytes'] / 2**20:.1f} MiB, peak RSS increase per "
-              f"rank (load + one forward) {min(peaks):.1f}-{max(peaks):.1f} MiB")
+              f"rank ({what}) {min(peaks):.1f}-{max(peaks):.1f} MiB" + (f", loss {loss:.6f}" if loss else ""))
     return 0
 
 

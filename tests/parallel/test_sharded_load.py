@@ -9,6 +9,8 @@ from helpers.multiproc import run_distributed
 from sharded_world import TP_DEGREES, batch, model_config, sharded_ranks, write_model
 
 from flashmorph.model.load import load_causal_lm
+from flashmorph.model.shape import ModelShape
+from flashmorph.parallel.dry_run import rank_params
 
 HIDDEN, VOCAB = 512, 2048  # 71 MiB of fp32 weights: large against RSS noise (a few MiB), small for CI
 SLACK = 12 * 2**20  # allocator and interpreter noise of one load (measured: under 5 MiB beside the shard)
@@ -46,6 +48,8 @@ def test_sharded_load_memory_scales_with_one_over_tp(world):
     peaks = {tp: max(out[tp]["peak_bytes"] for out in world["ranks"]) for tp in TP_DEGREES}
     for tp in TP_DEGREES:
         shard = world["ranks"][0][tp]["param_bytes"]
+        # the dry run's per-rank count (meta build + TP rules, no weights) is what the loaded rank holds
+        assert rank_params(ModelShape.from_config(config), tp).per_tp_rank * 4 == shard, tp
         if tp == 1:
             assert shard == world["total_bytes"]
         # the measurement sees the load (every weight is touched by the forward) and nothing beyond one tensor
