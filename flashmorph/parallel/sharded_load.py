@@ -96,8 +96,8 @@ def load_sharded_causal_lm(model_dir: str | Path, mesh: Mesh, dtype: str = "bflo
     (as `apply_tensor_parallel` leaves them), holding only this rank's slices; every rank reads the files itself.
 
     Peak host memory per rank: its TP shard of the projections, the replicated embedding / lm_head / norms, plus
-    one full tensor in flight. Without ZeRO-3 at TP=1 this is a plain load without the full-model copy transformers'
-    from_pretrained may make; with ZeRO-3 and TP=1, `zero.zero3_model_init` around load_causal_lm shards at load.
+    one full tensor in flight. At TP=1 it loads the whole model; with ZeRO-3 and TP=1 use `zero.zero3_model_init`
+    around `load_causal_lm` instead, which partitions at load.
     """
     from transformers import AutoConfig
 

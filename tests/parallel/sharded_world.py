@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 BATCH_SEED, ROWS, SEQ = 7, 2, 16
-TP_DEGREES = (4, 2, 1)  # measured in this order in one 4-rank world (TP=1 and TP=2 run with DP=4 and DP=2)
+TP_DEGREES = (4, 2, 1)
+HYBRID = ["full", "linear", "linear", "full"]  # the layout applied after the load  # measured in this order in one 4-rank world (TP=1 and TP=2 run with DP=4 and DP=2)
 
 
 def model_config(hidden: int = 512, vocab: int = 2048, layers: int = 4):
@@ -99,10 +100,16 @@ def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor, t
             with torch.no_grad():
                 logits = lm(input_ids=ids, use_cache=False).logits  # touches every weight
             loss = _train_step(lm, ids) if train else None
+        hybrid_logits = None
+        if not train:  # the stages morph after loading: a hybrid on the sharded model must match one on the full
+            from flashmorph.model.hybrid import apply_hybrid_layout
+
+            with torch.no_grad():
+                hybrid_logits = apply_hybrid_layout(lm, HYBRID)(input_ids=ids, use_cache=False).logits
         params = list(lm.parameters())
         attn = lm.model.layers[0].self_attn
         out = {"peak_bytes": rss.increase, "param_bytes": sum(p.numel() * p.element_size() for p in params),
-               "logits": logits, "loss": loss, "q_rows": attn.q_proj.weight.shape[0],
+               "logits": logits, "hybrid_logits": hybrid_logits, "loss": loss, "q_rows": attn.q_proj.weight.shape[0],
                "on_meta": [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta],
                "tp_tagged": getattr(attn.o_proj.weight, "tensor_model_parallel", None),
                "tied": lm.lm_head.weight is lm.model.embed_tokens.weight,
