@@ -573,6 +573,7 @@ def max_seq_len(shape: ModelShape, setup: EstimateSetup, gpu_memory_gib: float,
 
 
 # ----------------------------------------------------------------------------------------- dry run of a recipe
+# (the one part of this module that imports torch, inside dry_run: the meta build lives in parallel/dry_run.py)
 
 DRY_RUN_STAGES = ("gate_search", "distill", "long_context")  # gate search reads `search`, the others `distill`
 

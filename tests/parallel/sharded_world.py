@@ -125,14 +125,9 @@ def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor, t
 
 def sharded_ranks(info, model_dir: str, vocab_size: int, train: bool = False) -> dict:
     """Every TP degree of TP_DEGREES on this world, one after the other; {tp: this rank's result}."""
-    from transformers import AutoConfig
-
-    from flashmorph.parallel.sharded_load import build_empty_causal_lm
-
-    # the lazy imports of the first build (transformers' llama module, accelerate) are not the load's memory
-    build_empty_causal_lm(AutoConfig.from_pretrained(model_dir), torch.float32)
-    gc.collect()
     ids = batch(vocab_size)
+    # one unmeasured round first: lazy imports, megatron's and gloo's first-call buffers are not the load's memory
+    _load_and_run(model_dir, TP_DEGREES[0], info.world_size, ids)
     return {tp: _load_and_run(model_dir, tp, info.world_size, ids, train) for tp in TP_DEGREES}
 
 

@@ -1,7 +1,7 @@
 """Sharded load (flashmorph.parallel.sharded_load) on one 4-rank gloo world: the model is built on meta and each
-rank reads only its TP slices, under TP=4, 2 and 1 in turn. Logits equal the plain single-process load, and each
-rank's memory is its shard (1/TP of the projections, plus the replicated embedding, lm_head and norms) plus one
-tensor in flight."""
+rank reads only its TP slices, under TP=4, 2 and 1 in turn. Logits equal the plain single-process load (also after
+a hybrid layout is applied to the loaded model), and each rank's memory is its shard (1/TP of the projections, plus
+the replicated embedding, lm_head and norms) plus one tensor in flight."""
 
 import pytest
 import torch
