@@ -127,7 +127,7 @@ def sharded_ranks(info, model_dir: str, vocab_size: int, train: bool = False) ->
     """Every TP degree of TP_DEGREES on this world, one after the other; {tp: this rank's result}."""
     ids = batch(vocab_size)
     # one unmeasured round first: lazy imports, megatron's and gloo's first-call buffers are not the load's memory
-    _load_and_run(model_dir, TP_DEGREES[0], info.world_size, ids)
+    _load_and_run(model_dir, TP_DEGREES[0], info.world_size, ids, train)
     return {tp: _load_and_run(model_dir, tp, info.world_size, ids, train) for tp in TP_DEGREES}
 
 
