@@ -96,6 +96,7 @@ def communication_plan(shape: ModelShape, layout: ParallelLayout, step: StepShap
     Ulysses SP: an all-to-all of q, k, v (sequence -> heads) and of the attention output (back) per layer and
     direction. ZeRO-3: an all-gather of each layer's TP-local parameters per forward and backward, and a
     reduce-scatter of the trainable gradients per micro step, over SP x DP; ZeRO 0-2 all-reduce the gradients.
+    Left out as small or rare: the embedding / lm_head / final-norm gathers, loss and grad-norm scalars.
     """
     tp, sp, group = layout.tensor, layout.sequence, layout.sequence * layout.data
     layers, tokens, p = shape.num_layers, step.local_tokens, step.dtype_bytes
