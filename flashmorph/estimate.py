@@ -567,3 +567,115 @@ def max_seq_len(shape: ModelShape, setup: EstimateSetup, gpu_memory_gib: float,
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * step
+
+
+# ----------------------------------------------------------------------------------------- dry run of a recipe
+# (the one part of this module that imports torch, inside dry_run: the meta build lives in parallel/dry_run.py)
+
+DRY_RUN_STAGES = ("gate_search", "distill", "long_context")  # gate search reads `search`, the others `distill`
+
+
+def recipe_model_shape(model_path: str | None, teacher=None) -> ModelShape:
+    """The shape of a recipe's model without its weights: model.path's config.json; else the preset its name spells
+    (the shipped recipes name directories a laptop lacks); else, for model.path null, the embedded teacher."""
+    from pathlib import Path
+
+    if model_path is None:
+        return ModelShape.from_teacher(teacher)
+    if (Path(model_path) / "config.json").is_file():
+        return ModelShape.from_model_dir(model_path, f"model.path={model_path}", morphable=False)
+    preset = preset_named_by(Path(model_path).name)
+    if preset is None:
+        raise ConfigError(f"model.path={model_path} holds no config.json and names no preset "
+                          f"({', '.join(PRESETS)}); point it at a HF model directory (--override model.path=DIR)")
+    return PRESETS[preset]
+
+
+def recipe_setup(recipe_path, world_size: int, stage: str, overrides=()) -> tuple[ModelShape, EstimateSetup]:
+    """The model shape and EstimateSetup of a stage recipe (recipes/*.yaml) at `world_size` GPUs."""
+    from pathlib import Path
+
+    from flashmorph.config import GateSearchRecipe, load_recipe
+    from flashmorph.distill_config import DistillRecipe
+    from flashmorph.model.layout import read_layout
+    from flashmorph.parallel.layout import layout_from_config
+
+    if stage not in DRY_RUN_STAGES:
+        raise ConfigError(f"stage={stage!r} is unknown; use one of {', '.join(DRY_RUN_STAGES)}")
+    recipe = load_recipe(recipe_path, list(overrides), GateSearchRecipe if stage == "gate_search" else DistillRecipe)
+    layout = layout_from_config(recipe.parallel, world_size)
+    common = dict(gpus=world_size, tensor_parallel=layout.tensor, sequence_parallel=layout.sequence,
+                  dtype=recipe.model.dtype, activation_checkpointing=recipe.model.activation_checkpointing,
+                  zero_stage=recipe.parallel.zero_stage)
+    if stage == "gate_search":
+        shape = recipe_model_shape(recipe.model.path, recipe.teacher)
+        return shape, EstimateSetup(**common, seq_len=recipe.data.seq_len, micro_batch=recipe.search.micro_batch_size,
+                                    grad_accum=recipe.search.grad_accum_steps, trainable="gates", full_layers="mixed")
+    shape, cfg = recipe_model_shape(recipe.model.path), recipe.distill
+    hybrid = recipe.student.layout
+    full = read_layout(hybrid, shape.num_layers).count("full") if hybrid and Path(hybrid).is_file() else None
+    return shape, EstimateSetup(**common, seq_len=recipe.max_seq_len, micro_batch=cfg.micro_batch_size,
+                                grad_accum=cfg.grad_accum_steps, trainable=cfg.trainable, lora_rank=cfg.lora_rank,
+                                lora_modules=tuple(cfg.lora_targets),
+                                lora_linear_layers_only=cfg.lora_linear_layers_only, full_layers=full,
+                                loss_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
+
+
+@dataclass
+class DryRunReport:
+    """One rank of a recipe's run, without weights: meta-built parameter counts, the estimate, the collectives."""
+
+    shape: ModelShape
+    setup: EstimateSetup
+    params: object  # parallel.dry_run.RankParams
+    memory: MemoryEstimate
+    collectives: list  # parallel.dry_run.Collective
+
+
+def dry_run(recipe_path, world_size: int, stage: str, overrides=()) -> DryRunReport:
+    """Build the recipe's model on the meta device, apply its layout at `world_size` ranks to count one rank's
+    parameters, estimate its memory (`estimate`) and list the collectives of one optimizer step."""
+    from flashmorph.parallel.dry_run import StepShape, communication_plan, rank_params
+
+    shape, setup = recipe_setup(recipe_path, world_size, stage, overrides)
+    memory = estimate(shape, setup)  # validates the layout against the model first
+    params = rank_params(shape, setup.tensor_parallel)
+    if params.per_tp_rank != round(memory.params_total):
+        raise ConfigError(f"the meta build of {shape.name} holds {params.per_tp_rank} parameters per TP rank, the "
+                          f"estimator counts {round(memory.params_total)}; its ModelShape misses a weight")
+    layout = resolve_layout(setup.tensor_parallel, setup.sequence_parallel, world_size)
+    step = StepShape(setup.local_tokens, setup.grad_accum, DTYPE_BYTES[setup.dtype], memory.params_trainable,
+                     setup.activation_checkpointing, setup.zero_stage, setup.trainable in ("linear", "full"))
+    return DryRunReport(shape, setup, params, memory, communication_plan(shape, layout, step, params))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def format_dry_run(report: DryRunReport) -> str:
+    s, m, params = report.setup, report.memory, report.params
+    p = DTYPE_BYTES[s.dtype]
+    lines = [
+        f"dry run: {report.shape.name}, {s.gpus} ranks = TP {s.tensor_parallel} x SP {s.sequence_parallel} x DP "
+        f"{s.data_parallel}, ZeRO-{s.zero_stage}, {s.dtype}, trainable={s.trainable}, seq_len {s.seq_len}, "
+        f"micro batch {s.micro_batch} x {s.grad_accum} accumulation",
+        f"parameters: {params.total:,} in the model; {params.per_tp_rank:,} per TP rank "
+        + "(" + ", ".join(f"{kind} {n:,}" for kind, n in sorted(params.by_kind.items())) + "); "
+        f"{m.params_trainable:,.0f} trainable per TP rank",
+        "per rank (estimated, see docs/estimate.md):",
+    ]
+    lines += [f"  {name:<16} {_size(getattr(m, name))}" for name in MemoryEstimate.COMPONENTS]
+    lines += [f"  {'total':<16} {_size(m.total)}  (weights {_size(params.per_tp_rank * p)} per TP rank before "
+              f"ZeRO)", "communication per optimizer step and rank:"]
+    if not report.collectives:
+        lines.append("  none (one rank, or nothing sharded)")
+    for c in report.collectives:
+        lines.append(f"  {c.op:<14} over {c.group:<7} {c.per_step:>6} x {_size(c.bytes_each):>10} = "
+                     f"{_size(c.bytes_per_step):>10}  {c.what}")
+    return "\n".join(lines)
+
+
+def dry_run_main(recipe, world_size: int, stage: str, overrides=()) -> str:
+    """What a launcher's --dry-run prints: `format_dry_run(dry_run(...))`; no weights are read or allocated."""
+    return format_dry_run(dry_run(recipe, world_size, stage, overrides))

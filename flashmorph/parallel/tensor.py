@@ -105,10 +105,13 @@ def _parallel_linear(kind: str, old: nn.Linear, mesh: Mesh) -> nn.Module:
                                  perform_initialization=False, params_dtype=old.weight.dtype)
     common = dict(config=config, init_method=_no_init, bias=old.bias is not None, skip_bias_add=False,
                   tp_group=mesh.tp_group)
-    if kind == tp_rules.COLUMN:
-        layer = HFColumnParallelLinear(old.in_features, old.out_features, gather_output=False, **common)
-    else:
-        layer = HFRowParallelLinear(old.in_features, old.out_features, input_is_parallel=True, **common)
+    # built where `old` lives: on the meta device (sharded_load) a CPU build moved there would allocate a slice
+    # for nothing and lose megatron's parameter attributes (moving to meta makes new Parameter objects)
+    with torch.device(old.weight.device):
+        if kind == tp_rules.COLUMN:
+            layer = HFColumnParallelLinear(old.in_features, old.out_features, gather_output=False, **common)
+        else:
+            layer = HFRowParallelLinear(old.in_features, old.out_features, input_is_parallel=True, **common)
     # perform_initialization=False skips the call that tags TP weights; DeepSpeed's grad norm (clipping) counts a
     # weight on every TP rank only when it carries these attributes, otherwise on TP rank 0 alone
     if not hasattr(layer.weight, "tensor_model_parallel"):
@@ -186,7 +189,7 @@ def _copy_slices(new: nn.Module, old: nn.Linear, module_name: str, shape: ModelS
             param.copy_(tp_rules.split_for_tp(full, rule, tp)[tp_rank])
 
 
-def _local_rule(rule: tp_rules.TPRule, tp: int) -> bool:
+def holds_slice(rule: tp_rules.TPRule, tp: int) -> bool:
     """Whether this process holds a slice (not the whole tensor) of a weight split by `rule`."""
     return tp > 1 and rule.kind in (tp_rules.COLUMN, tp_rules.ROW)
 
@@ -208,7 +211,7 @@ def load_tensor_parallel_shards(lm: nn.Module, shards: str | Path, tp: int, tp_r
         raise CheckpointError(f"the TP shards in {shards} {what}; they were written for another model")
     for name, target in targets.items():
         rule = tp_rules.tp_rule(name)
-        if not _local_rule(rule, tp):
+        if not holds_slice(rule, tp):
             value = source.get(name)  # replicated, or vocab-split in the files and replicated here: merged
         elif own_file is not None:
             value = own_file.get(tp_rules.hf_to_tp_name(name))
@@ -231,7 +234,7 @@ def gather_tensor_parallel(name: str, local: torch.Tensor, mesh: Mesh,
     """The full HF tensor `name` (a weight or its gradient) from every TP rank's slice (collective over TP);
     `rule` overrides the TP rule of `name` (e.g. parallel.lora_tp's, for peft-named weights)."""
     rule = tp_rules.tp_rule(name) if rule is None else rule
-    if not _local_rule(rule, mesh.tp_size):
+    if not holds_slice(rule, mesh.tp_size):
         return local
     pieces = [torch.empty_like(local) for _ in range(mesh.tp_size)]
     dist.all_gather(pieces, local.contiguous(), group=mesh.tp_group)

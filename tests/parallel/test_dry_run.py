@@ -1,0 +1,92 @@
+"""The dry run (estimate.dry_run_main over parallel.dry_run): every stage recipe at several world sizes builds its
+model on meta, counts one rank's parameters by the TP rules, estimates memory and lists the collectives."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flashmorph.errors import ConfigError
+from flashmorph.estimate import PRESETS, dry_run, dry_run_main, format_dry_run
+from flashmorph.parallel.dry_run import rank_params
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def _stage(path: Path) -> str:
+    for stage in ("gate_search", "long_context", "distill"):
+        if path.stem.endswith(stage):
+            return stage
+    return "gate_search"  # embedded.yaml: the embedded teacher's gate search
+
+
+@pytest.fixture(scope="module")
+def embedded_teacher(tmp_path_factory):
+    """The config.json the embedded gate search leaves in runs/embedded/teacher (its recipe's teacher section)."""
+    from flashmorph.model.tiny import tiny_config
+
+    out = tmp_path_factory.mktemp("teacher")
+    config = tiny_config("llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=64)
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+    return out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_dry_run_every_recipe(recipe, embedded_teacher):
+    overrides = [f"model.path={embedded_teacher}"] if recipe.stem.startswith("embedded_") else []
+    ran = 0
+    for world in (1, 8, 64):
+        try:
+            report = dry_run(recipe, world, _stage(recipe), overrides)
+        except ConfigError as err:  # a recipe may refuse a world size (its layouts); the refusal names the fix
+            assert "world_size" in str(err) or "parallel" in str(err), err
+            continue
+        params, memory, setup = report.params, report.memory, report.setup
+        assert params.per_tp_rank == round(memory.params_total) and params.total >= params.per_tp_rank
+        ops = {(c.op, c.group) for c in report.collectives}
+        assert (("all_gather", "sp x dp") in ops) == (setup.zero_stage == 3 and setup.shard_group > 1)
+        assert (("all_reduce", "tp") in ops) == (setup.tensor_parallel > 1)
+        assert (("all_to_all", "sp") in ops) == (setup.sequence_parallel > 1)
+        text = format_dry_run(report) if world != 8 else dry_run_main(recipe, world, _stage(recipe), overrides)
+        assert f"{world} ranks = TP {setup.tensor_parallel} x SP {setup.sequence_parallel}" in text
+        ran += 1
+    assert ran >= 1, "every recipe must dry-run at some world size"
+
+
+def test_meta_counts_match_published_sizes():
+    # the meta build, not a formula: Llama-3-8B has 8.03e9 parameters, Llama-3-70B 70.55e9, Qwen3-32B 32.76e9
+    assert rank_params(PRESETS["llama3-8b"], 1).total == 8_030_261_248
+    assert rank_params(PRESETS["llama3-70b"], 1).total == 70_553_706_496
+    assert rank_params(PRESETS["qwen3-32b"], 1).total == 32_762_123_264
+    tp8 = rank_params(PRESETS["llama3-70b"], 8)
+    # projections split 8 ways; embedding, lm_head (128256 x 8192 each) and norms stay whole on every rank
+    assert tp8.by_kind["replicated"] == 2 * 128256 * 8192 + (2 * 80 + 1) * 8192
+    assert tp8.per_tp_rank == tp8.by_kind["replicated"] + (70_553_706_496 - tp8.by_kind["replicated"]) // 8
+
+
+def test_tp_plan_counts_and_sizes():
+    from flashmorph.parallel.dry_run import StepShape, communication_plan
+    from flashmorph.parallel.layout import resolve_layout
+
+    shape = PRESETS["llama3-70b"]
+    step = StepShape(local_tokens=4096, micro_steps=2, dtype_bytes=2, trainable_per_tp_rank=1e6, checkpointing=True,
+                     zero_stage=3, teacher=False)
+    plan = communication_plan(shape, resolve_layout(4, 2, 16), step, rank_params(shape, 4))
+    by_what = {(c.op, c.group, c.what.split(" (")[0]): c for c in plan}
+    forward = by_what[("all_reduce", "tp", "o_proj + down_proj output")]
+    assert forward.per_step == 2 * 2 * 80 * 2 and forward.bytes_each == 4096 * 8192 * 2  # 2 per layer, recompute
+    assert by_what[("all_reduce", "tp", "q/k/v/gate/up input gradient")].per_step == 5 * 2 * 80
+    attention = by_what[("all_to_all", "sp", "q, k, v in and attention out")]
+    assert attention.per_step == 4 * 2 * 80 * 2  # 16 heads and 2 kv heads per TP rank, head_dim 128
+    assert attention.bytes_each == 4096 * (2 * 16 + 2 * 2) * 128 * 2 / 4
+    assert by_what[("reduce_scatter", "sp x dp", "trainable gradients")].per_step == 2
+
+
+def test_dry_run_refusals(embedded_teacher):
+    recipe = RECIPES[0].parent / "llama3_8b_distill.yaml"
+    with pytest.raises(ConfigError, match="stage='train' is unknown"):
+        dry_run_main(recipe, 8, "train")
+    with pytest.raises(ConfigError, match="holds no config.json and names no preset"):
+        dry_run_main(recipe, 8, "distill", ["model.path=/nowhere/mystery-model"])
+    with pytest.raises(ConfigError, match="not divisible"):  # world 6 does not split TP=4
+        dry_run_main(recipe, 6, "distill", ["parallel.tensor_parallel=4", "distill.trainable=linear"])
