@@ -595,13 +595,11 @@ def recipe_setup(recipe_path, world_size: int, stage: str, overrides=()) -> tupl
     """The model shape and EstimateSetup of a stage recipe (recipes/*.yaml) at `world_size` GPUs."""
     from pathlib import Path
 
-    from flashmorph.config import GateSearchRecipe, load_recipe
-    from flashmorph.distill_config import DistillRecipe
+    from flashmorph.config import DistillRecipe, GateSearchRecipe, load_recipe
     from flashmorph.model.layout import read_layout
     from flashmorph.parallel.layout import layout_from_config
 
-    if stage not in DRY_RUN_STAGES:
-        raise ConfigError(f"stage={stage!r} is unknown; use one of {', '.join(DRY_RUN_STAGES)}")
+    check_choice("stage", stage, DRY_RUN_STAGES)
     recipe = load_recipe(recipe_path, list(overrides), GateSearchRecipe if stage == "gate_search" else DistillRecipe)
     layout = layout_from_config(recipe.parallel, world_size)
     common = dict(gpus=world_size, tensor_parallel=layout.tensor, sequence_parallel=layout.sequence,
@@ -653,6 +651,9 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
+DRY_RUN_GPU_GIB = (80, 141)  # H100 / H200 memory, for the dry run's fit line
+
+
 def format_dry_run(report: DryRunReport) -> str:
     s, m, params = report.setup, report.memory, report.params
     p = DTYPE_BYTES[s.dtype]
@@ -667,7 +668,9 @@ def format_dry_run(report: DryRunReport) -> str:
     ]
     lines += [f"  {name:<16} {_size(getattr(m, name))}" for name in MemoryEstimate.COMPONENTS]
     lines += [f"  {'total':<16} {_size(m.total)}  (weights {_size(params.per_tp_rank * p)} per TP rank before "
-              f"ZeRO)", "communication per optimizer step and rank:"]
+              f"ZeRO)", "  fits one GPU of: " + ", ".join(f"{gib} GiB {'yes' if m.fits(gib) else 'no'}"
+                                                    for gib in DRY_RUN_GPU_GIB),
+              "communication per optimizer step and rank:"]
     if not report.collectives:
         lines.append("  none (one rank, or nothing sharded)")
     for c in report.collectives:

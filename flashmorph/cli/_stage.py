@@ -7,6 +7,7 @@ after saving a complete checkpoint (rerun with --resume); anything else is a cra
 """
 
 import argparse
+import os
 import sys
 
 from flashmorph.errors import FlashMorphError
@@ -23,6 +24,11 @@ def stage_parser(description: str, example_recipe: str, example_override: str) -
                         help="continue from the checkpoint of this step (implies --resume); refused if missing or "
                              "damaged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print one rank's parameters, bytes, activation estimate and communication plan at "
+                             "--world-size ranks, then exit; builds on the meta device, reads no weights")
+    parser.add_argument("--world-size", type=_positive, default=None, metavar="N",
+                        help="ranks the dry run plans for (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser
 
@@ -35,6 +41,26 @@ def _step(text: str) -> int:
     if step < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a checkpoint step; give the N of a checkpoints/step_N")
     return step
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ranks; give a positive integer")
+    return int(text)
+
+
+def dry_run(args: argparse.Namespace, stage: str) -> int:
+    """--dry-run: the plan of `stage` for args.config at args.world_size ranks, printed; no process group."""
+    quiet_third_party()
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        from flashmorph.estimate import dry_run_main
+
+        print(dry_run_main(args.config, world_size, stage, args.override))
+    except FlashMorphError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run_stage(prepare, run) -> int:

@@ -13,7 +13,7 @@ import sys
 
 from flashmorph.config import DistillRecipe, load_recipe, validate_distill_recipe
 from flashmorph.errors import ConfigError
-from flashmorph.cli._stage import run_stage, stage_parser
+from flashmorph.cli._stage import dry_run, run_stage, stage_parser
 from flashmorph.run_dir import check_resume
 
 
@@ -28,6 +28,8 @@ def parse_args(argv=None, stage: str = "distill") -> argparse.Namespace:
 def main(argv=None, stage: str = "distill") -> int:
     """The distill stage, or (stage="long_context") the same step along a length curriculum."""
     args = parse_args(argv, stage)
+    if args.dry_run:
+        return dry_run(args, stage)
 
     def prepare():
         recipe = load_recipe(args.config, args.override, cls=DistillRecipe)

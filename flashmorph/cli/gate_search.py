@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from flashmorph.config import load_recipe, validate_recipe
-from flashmorph.cli._stage import run_stage, stage_parser
+from flashmorph.cli._stage import dry_run, run_stage, stage_parser
 from flashmorph.run_dir import check_resume
 
 
@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args, "gate_search")
 
     def prepare():
         recipe = load_recipe(args.config, args.override)

@@ -90,3 +90,37 @@ def test_dry_run_refusals(embedded_teacher):
         dry_run_main(recipe, 8, "distill", ["model.path=/nowhere/mystery-model"])
     with pytest.raises(ConfigError, match="not divisible"):  # world 6 does not split TP=4
         dry_run_main(recipe, 6, "distill", ["parallel.tensor_parallel=4", "distill.trainable=linear"])
+
+
+@pytest.mark.parametrize("command, recipe", [("gate_search", "llama3_70b_gate_search"),
+                                             ("distill", "qwen3_32b_distill"),
+                                             ("long_context", "llama3_70b_long_context")])
+def test_every_stage_launcher_dry_runs_without_weights_or_files(command, recipe, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # a run would write runs/... here
+    main = importlib.import_module(f"flashmorph.cli.{command}").main
+    path = str(Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml")
+    assert main(["--config", path, "--dry-run", "--world-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out == dry_run_main(path, 16, command) + "\n"
+    assert out.startswith("dry run: ") and " 16 ranks = " in out and "fits one GPU of: 80 GiB " in out
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under a launcher the world size comes from its environment
+    assert main(["--config", path, "--dry-run"]) == 0
+    assert " 4 ranks = " in capsys.readouterr().out
+
+
+def test_a_dry_run_of_an_impossible_layout_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from flashmorph.cli.gate_search import main
+
+    monkeypatch.chdir(tmp_path)
+    path = str(Path(__file__).resolve().parents[2] / "recipes" / "llama3_70b_gate_search.yaml")
+    # the recipe's layouts name 1, 8 and 64 GPUs; at 6 its parallel.tensor_parallel applies
+    assert main(["--config", path, "--dry-run", "--world-size", "6", "--override",
+                 "parallel.tensor_parallel=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: world_size=6 is not divisible by parallel.tensor_parallel=4")
+    with pytest.raises(SystemExit):
+        main(["--config", path, "--dry-run", "--world-size", "0"])
+    assert list(tmp_path.iterdir()) == []
