@@ -311,7 +311,8 @@ def run_gate(args, world: World, report: Report) -> list[str]:
     from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
     from flashmorph.model.config import MorphConfig
     from flashmorph.parallel import zero
-    from flashmorph.stages.gate_search import GateSearchStep, build_gate_engine, gate_search_ds_config, gate_search_loss
+    from flashmorph.stages.gate_search import (GateSearchStep, build_gate_engine, gate_search_ds_config,
+                                               gate_search_loss)
 
     device, deadline = world.device, world.deadline
     started = time.perf_counter()

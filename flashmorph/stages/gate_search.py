@@ -11,7 +11,6 @@ from flashmorph.data import RetrievalDataset
 from flashmorph.data.from_model import data_for_model
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.load import load_causal_lm
-from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
 from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
@@ -55,16 +54,17 @@ def gate_search_ds_config(search, parallel, dtype: str, world_size: int) -> dict
         grad_clip=search.grad_clip, override_file=parallel.deepspeed_config)
 
 
-def build_gate_engine(lm, morph_config, ds_config: dict, seed: int) -> tuple[MorphableLM, object]:
+def build_gate_engine(lm, morph_config, ds_config: dict, seed: int) -> tuple[losses.RetrievalLossModel, object]:
     """Gates around `lm` (frozen, loaded under zero.Init by the caller) and the engine that trains only them."""
     torch.manual_seed(seed)  # the gates' initial values
-    model = MorphableLM(lm, morph_config)
+    model = losses.RetrievalLossModel(lm, morph_config)
     engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
     engine.train()
     return model, engine
 
 
-def build_gate_search(recipe: GateSearchRecipe, model_dir: Path, world_size: int) -> tuple[MorphableLM, object]:
+def build_gate_search(recipe: GateSearchRecipe, model_dir: Path,
+                      world_size: int) -> tuple[losses.RetrievalLossModel, object]:
     """The recipe's model from `model_dir`, partitioned at load, with its gates and their engine."""
     ds_config = gate_search_ds_config(recipe.search, recipe.parallel, recipe.model.dtype, world_size)
     with zero.zero3_model_init(ds_config):
@@ -83,7 +83,7 @@ def gate_search_loss(out: dict, ce_scale: float, lam: float, search, budget_frac
 class GateSearchStep:
     """One optimizer step of gate search: grad_accum_steps micro batches of retrieval samples per rank."""
 
-    def __init__(self, engine, model: MorphableLM, dataset, search, info, budget_fraction: float):
+    def __init__(self, engine, model: losses.RetrievalLossModel, dataset, search, info, budget_fraction: float):
         self.engine, self.model, self.dataset, self.search, self.info = engine, model, dataset, search, info
         self.budget_fraction = budget_fraction
 
