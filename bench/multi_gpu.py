@@ -476,7 +476,8 @@ def run_sp(args, world: World, report: Report) -> list[str]:
         layers = lm.config.num_hidden_layers
         modes = layer_layouts(layers, args.budget)["hybrid"]
         cfg = bench_distill_config(args, "lora")
-        model, trainable = prepare_distill_model(lm, None, modes, cfg, MorphConfig(), mesh, activation_checkpointing=True)
+        model, trainable = prepare_distill_model(lm, None, modes, cfg, MorphConfig(), mesh,
+                                                 activation_checkpointing=True)
         engine = zero.initialize_engine(model, trainable, ds_config, mpu=mesh.mpu)
         engine.train()
         report.row(kind="build", build_s=time.perf_counter() - started, sp=sp, dp=mesh.dp_size,
