@@ -15,6 +15,7 @@ import torch
 from bench.common import base_parser, build_lm, parse_lengths
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.morph import MorphableLM, apply_layer_modes
+from flashmorph.training.losses.retrieval import RetrievalLossModel
 
 MODES = {"mixed": "gate search (both branches)", "full": "softmax only", "linear": "linear only"}
 
@@ -43,7 +44,7 @@ def build_morphable(shape: str, device: torch.device, dtype: torch.dtype, checkp
                     seed: int = 0, linear_backend: str = "auto") -> MorphableLM:
     """A random-weight model of `shape`, frozen and morphed, in training mode (checkpointing acts in training only)."""
     lm = build_lm(shape, device, dtype, seed)
-    model = MorphableLM(lm, MorphConfig(linear_backend=linear_backend))
+    model = RetrievalLossModel(lm, MorphConfig(linear_backend=linear_backend))
     model.gates.to(device)
     if checkpointing:
         enable_activation_checkpointing(lm)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import shlex
@@ -88,6 +89,7 @@ class World:
     def __init__(self, info, dtype: torch.dtype, deadline: Deadline):
         self.rank, self.size, self.device, self.dtype = info.rank, info.world_size, info.device, dtype
         self.is_main = info.is_main
+        self.info = info  # flashmorph.parallel.distributed.DistInfo, for the stages' step objects
         self.deadline = deadline  # the launch's soft time limit, shared by its steps
 
     def gather(self, value) -> list:
@@ -205,6 +207,30 @@ def distill_ds_config(world_size_dp: int, dtype: torch.dtype) -> dict:
                                 grad_clip=DISTILL.grad_clip)
 
 
+def bench_distill_config(args, trainable: str) -> DistillConfig:
+    """The stage's distill settings for one sequence per step, with this run's trainable set and loss tiles."""
+    return dataclasses.replace(DISTILL, trainable=trainable, micro_batch_size=1, grad_accum_steps=1,
+                               token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk)
+
+
+class FixedTokens:
+    """A dataset whose every sample is the same `input_ids` [1, T]: the stage's step reads the bench's tokens."""
+
+    def __init__(self, input_ids: torch.Tensor):
+        self.input_ids = input_ids
+
+    def batch(self, indices) -> dict:
+        return {"input_ids": self.input_ids, "labels": self.input_ids}
+
+
+def stage_step(step_fn, batches) -> None:
+    """A stage's optimizer step on its micro batches, as the training loop runs it (without guard, logs, saves)."""
+    for batch in batches:
+        loss, _ = step_fn.micro_step(batch)
+        step_fn.engine.backward(loss)
+        step_fn.engine.step()
+
+
 def distill_estimate(args, config, world: World, seq_len: int, trainable: str, full_layers: int, tp: int = 1,
                      sp: int = 1):
     """flashmorph.estimate for this run's distill setup (the stage's LoRA settings, loss tiles, ZeRO-3)."""
@@ -280,27 +306,21 @@ def parse_reference(text: str) -> dict[int, float]:
 
 
 def run_gate(args, world: World, report: Report) -> list[str]:
-    from flashmorph.config import num_full_layers
+    from flashmorph.config import ParallelConfig, num_full_layers
     from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
     from flashmorph.model.config import MorphConfig
-    from flashmorph.model.morph import MorphableLM
     from flashmorph.parallel import zero
-    from flashmorph.stages.gate_search import regularizer
-    from flashmorph.training.batches import sample_indices
+    from flashmorph.stages.gate_search import (GateSearchStep, build_gate_engine, gate_search_ds_config,
+                                               gate_search_loss)
 
     device, deadline = world.device, world.deadline
     started = time.perf_counter()
-    # the stage's config: one sample per rank per step, ZeRO-3 over every rank, gate-only AdamW
-    ds_config = zero.build_ds_config(micro_batch_size=1, grad_accum_steps=1, world_size=world.size,
-                                     dtype=dtype_name(world.dtype), zero_stage=3, lr=SEARCH.lr,
-                                     weight_decay=SEARCH.weight_decay, grad_clip=SEARCH.grad_clip)
+    # the stage's config and engine: one sample per rank per step, ZeRO-3 over every rank, gate-only AdamW
+    search = dataclasses.replace(SEARCH, micro_batch_size=1, grad_accum_steps=1)
+    ds_config = gate_search_ds_config(search, ParallelConfig(zero_stage=3), dtype_name(world.dtype), world.size)
     lm = build_model(args.gate_shape, world, args.seed, zero_ds_config=ds_config)
     enable_activation_checkpointing(lm)
-    torch.manual_seed(args.seed)
-    model = MorphableLM(lm, MorphConfig())
-    model.gates.to(device)
-    engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
-    engine.train()
+    model, engine = build_gate_engine(lm, MorphConfig(), ds_config, args.seed)
     build_s = time.perf_counter() - started
     persistent = world.gather(allocated(device))
     report.row(kind="build", build_s=build_s, allocated_after_build_bytes_per_rank=persistent)
@@ -317,31 +337,30 @@ def run_gate(args, world: World, report: Report) -> list[str]:
         report.set("in_progress", f"gate search at {format_length(length)}")
         data = DataConfig(tasks={"mqar": 1.0}, seq_len=length, num_pairs=8 if length < 512 else 64, seed=args.seed)
         dataset = RetrievalDataset(data, TokenSpace.synthetic(config.vocab_size), split="bench")
+        step_fn = GateSearchStep(engine, model, dataset, search, world.info, budget_fraction)
         times, gates, ces, answer_tokens, grad_checks = [], [], [], 0, []
         for step in range(args.warmup + args.gate_steps):
             if step > args.warmup and not world.decide(deadline.left() > 2 * max(times[-1:] or [0.0])):
                 break  # keep what was measured: another step would pass the time limit
-            batch = dataset.batch(sample_indices(step, 0, world.rank, world.size, 1, 1))
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            answer_tokens = int((labels[:, 1:] != -100).sum())
-            step_tokens = world.sum(torch.tensor(float(answer_tokens))).item()
-            ce_scale = world.size / max(step_tokens, 1.0)  # the stage's scale: mean CE over the step's answers
+            (batch,) = step_fn.micro_batches(step)  # the stage's samples and answer-token scale for this rank
+            answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
 
             def loss_of(out):  # the stage's loss on this rank
-                reg = regularizer(out["gate_values"], SEARCH.regularizer, budget_fraction)
-                return out["loss_sum"] * ce_scale + SEARCH.reg_weight * reg
+                return gate_search_loss(out, step_fn.ce_scale, step_fn.lam, search, budget_fraction)[0]
 
             if step == 0:  # what one process would compute on the step's samples: see single_process_gate_grad
+                ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
                 grad_single = single_process_gate_grad(model, ids, labels, loss_of, world)
 
             def gate_step():
-                out = engine(ids, labels=labels)
-                engine.backward(loss_of(out))
+                loss, _ = step_fn.micro_step(batch)
+                engine.backward(loss)
                 if step == 0:
                     grad_checks.append(gate_grad_check(model, grad_single, world))
                 engine.step()
-                ces.append(world.sum(out["loss_sum"].detach()).item() / step_tokens)
-                gates.append([round(v, 6) for v in out["gate_values"].detach().float().cpu().reshape(-1).tolist()])
+                done = step_fn.finish(step)
+                ces.append(done.scalars["loss/retrieval"])
+                gates.append([round(v, 6) for v in done.gates.reshape(-1).tolist()])
 
             if step == args.warmup:
                 reset_peak(device)
@@ -438,14 +457,13 @@ def gate_grad_check(model, expected: torch.Tensor, world: World) -> dict:
 
 
 def run_sp(args, world: World, report: Report) -> list[str]:
+    from flashmorph.data.length_schedule import LengthSchedule
     from flashmorph.model.config import MorphConfig
-    from flashmorph.model.hybrid import apply_hybrid_layout
     from flashmorph.parallel import zero
     from flashmorph.parallel.layout import resolve_layout
     from flashmorph.parallel.mesh import destroy_mesh, init_mesh
     from flashmorph.parallel.sequence import install_sequence_parallel, shard_sequence, uninstall_sequence_parallel
-    from flashmorph.training import lora
-    from flashmorph.training.distill_model import DistillModel
+    from flashmorph.stages.distill import DistillStep, prepare_distill_model
 
     device, deadline = world.device, world.deadline
     sp = world.size
@@ -456,16 +474,9 @@ def run_sp(args, world: World, report: Report) -> list[str]:
         lm = build_model(args.sp_shape, world, args.seed, zero_ds_config=ds_config)  # TP = 1: zero.Init, as the stage
         layers = lm.config.num_hidden_layers
         modes = layer_layouts(layers, args.budget)["hybrid"]
-        apply_hybrid_layout(lm, modes, MorphConfig())
-        lm.requires_grad_(False)
-        install_sequence_parallel(lm, mesh.sp_group, 1)
-        enable_activation_checkpointing(lm)
-        linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
-        student = lora.add_lora(lm, rank=DISTILL.lora_rank, alpha=DISTILL.lora_alpha, targets=DISTILL.lora_targets,
-                                layers=linear_layers)
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        model = DistillModel(student, None, temperature=DISTILL.temperature, ce_weight=DISTILL.ce_weight,
-                             token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk)
+        cfg = bench_distill_config(args, "lora")
+        model, trainable = prepare_distill_model(lm, None, modes, cfg, MorphConfig(), mesh,
+                                                 activation_checkpointing=True)
         engine = zero.initialize_engine(model, trainable, ds_config, mpu=mesh.mpu)
         engine.train()
         report.row(kind="build", build_s=time.perf_counter() - started, sp=sp, dp=mesh.dp_size,
@@ -521,18 +532,19 @@ def run_sp(args, world: World, report: Report) -> list[str]:
             steps = world.decide(steps)
             warmup = min(args.warmup if index == 0 else 0, steps - 1)
             report.set("in_progress", f"SP distill steps at {format_length(length)}")
-            shard = shard_of(length, mesh.sp_rank, sp)
-            scale = mesh.grad_divisor / length  # the stage's: per-rank token sums -> the step's mean per token
+            # the stage's step: this rank's shard of the sequence, its loss scale, the KL summed over the SP group
+            tokens = FixedTokens(random_tokens(config.vocab_size, length, device, args.seed)[0])
+            step_fn = DistillStep(engine, {length: tokens}, LengthSchedule([(length, steps)]), cfg, mesh, world.info)
             est = distill_estimate(args, config, world, length, "lora", modes.count("full"), sp=sp)
             kls, done = [], []  # done: (seconds, per-rank peaks) of every step at this length
 
-            def distill_step():
-                sums = engine(shard["input_ids"], shard["position_ids"], shard["shift_labels"])
-                engine.backward(sums["loss_sum"] * scale)
-                engine.step()
-                kls.append(world.sum(sums["kl_sum"], mesh.sp_group).item() / length)
-
             for step in range(steps):
+                batches = list(step_fn.micro_batches(step))
+
+                def distill_step():
+                    stage_step(step_fn, batches)
+                    kls.append(step_fn.finish(step).scalars["loss/kl"])
+
                 reset_peak(device)
                 seconds = max(world.gather(timed(distill_step, world)))
                 done.append((seconds, step_peaks(world)))
@@ -571,14 +583,12 @@ def run_sp(args, world: World, report: Report) -> list[str]:
 
 
 def run_tp(args, world: World, report: Report) -> list[str]:
+    from flashmorph.data.length_schedule import LengthSchedule
     from flashmorph.model.config import MorphConfig
-    from flashmorph.model.hybrid import apply_hybrid_layout
-    from flashmorph.model.morph import apply_layer_modes
     from flashmorph.parallel import zero
     from flashmorph.parallel.layout import resolve_layout
     from flashmorph.parallel.mesh import destroy_mesh, init_mesh
-    from flashmorph.parallel.tensor import apply_tensor_parallel
-    from flashmorph.training.distill_model import DistillModel
+    from flashmorph.stages.distill import DistillStep, parallelize_distill_models, prepare_distill_model
 
     device, deadline = world.device, world.deadline
     tp = world.size
@@ -592,18 +602,11 @@ def run_tp(args, world: World, report: Report) -> list[str]:
         teacher = copy.deepcopy(student)
         layers = student.config.num_hidden_layers
         modes = layer_layouts(layers, args.budget)["hybrid"]
-        apply_hybrid_layout(student, modes, MorphConfig())
-        student.requires_grad_(False)
-        apply_layer_modes(teacher, MorphConfig(), ["full"] * layers)
-        teacher.requires_grad_(False)
-        enable_activation_checkpointing(student)
-        linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
-        for idx in linear_layers:  # the stage's "linear" set; apply_tensor_parallel carries requires_grad over
-            attn = student.model.layers[idx].self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(attn, name).requires_grad_(True)
-        model = DistillModel(student, teacher, temperature=DISTILL.temperature, ce_weight=DISTILL.ce_weight,
-                             token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk).train()
+        cfg = bench_distill_config(args, "linear")
+        # the stage's model without its parallel layers (mesh None): the TP=1 reference runs on it first
+        model, trainable = prepare_distill_model(student, teacher, modes, cfg, MorphConfig(), None,
+                                                 activation_checkpointing=True)
+        model.train()
         config = student.config
         length = args.tp_length
         input_ids, position_ids = random_tokens(config.vocab_size, length, device, args.seed)  # same on every rank
@@ -613,18 +616,14 @@ def run_tp(args, world: World, report: Report) -> list[str]:
         sums = model(input_ids, position_ids, None)
         (sums["loss_sum"] / length).backward()
         ref_kl = sums["kl_sum"].item() / length
-        trainable = [p for p in student.parameters() if p.requires_grad]
         ref_norm = math.sqrt(sum(p.grad.float().pow(2).sum().item() for p in trainable))
         for p in trainable:
             p.grad = None
         del sums
         free_memory(device)
 
-        apply_tensor_parallel(student, mesh)
-        apply_tensor_parallel(teacher, mesh)
+        parallelize_distill_models([student, teacher], mesh, cfg.micro_batch_size)  # carries requires_grad over
         trainable = [p for p in student.parameters() if p.requires_grad]
-        model = DistillModel(student, teacher, temperature=DISTILL.temperature, ce_weight=DISTILL.ce_weight,
-                             token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk)
         engine = zero.initialize_engine(model, trainable, ds_config, mpu=mesh.mpu)
         engine.train()
         free_memory(device)
@@ -632,23 +631,24 @@ def run_tp(args, world: World, report: Report) -> list[str]:
                    trainable_params_per_rank=sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                                  for p in trainable),
                    allocated_after_build_bytes_per_rank=world.gather(allocated(device)))
-        scale = mesh.grad_divisor / length
         kls, norms, times = [], [], []
-
-        def distill_step():
-            out = engine(input_ids, position_ids, None)
-            engine.backward(out["loss_sum"] * scale)
-            engine.step()
-            kls.append(out["kl_sum"].item() / length)  # TP ranks hold the same tokens: each has the whole sum
-            norms.append(float(engine.get_global_grad_norm()))
-
         report.set("in_progress", "TP=2 steps")
         steps = 1 + args.warmup + args.iters
+        step_fn = DistillStep(engine, {length: FixedTokens(input_ids)}, LengthSchedule([(length, steps)]), cfg, mesh,
+                              world.info)
         for step in range(steps):
             if step > 1 + args.warmup and not world.decide(deadline.left() > 2 * times[-1]):
                 break
             if step == 1 + args.warmup:
                 reset_peak(device)
+            batches = list(step_fn.micro_batches(step))
+
+            def distill_step():
+                stage_step(step_fn, batches)
+                # TP ranks hold the same tokens: each rank's own KL sum is the whole one, checked per rank below
+                kls.append(step_fn.totals[0].item() / length)
+                norms.append(float(engine.get_global_grad_norm()))
+
             times.append(max(world.gather(timed(distill_step, world))))
         peaks = step_peaks(world)
         first = world.gather((kls[0], norms[0], ref_kl, ref_norm))

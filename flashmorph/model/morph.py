@@ -204,11 +204,12 @@ class MorphableLM(nn.Module):
         return out.last_hidden_state, gate_values
 
     def forward(self, input_ids, labels=None, position_ids=None, gate_values=None, shift_labels=None):
-        """Retrieval loss pieces on answer tokens only, so T x vocab logits are never built.
+        """What the retrieval loss needs (training/losses/retrieval.py): the final hidden states of the answer tokens
+        only, so the LM head never builds T x vocab logits.
 
         labels follow HF's convention (-100 = ignored, the shift happens here); or pass `shift_labels`, already
         shifted (token t's target at t), as a sequence-parallel shard must: its last target is on the next shard.
-        Returns a dict with `loss_sum` (summed CE over answer tokens), `num_tokens`, `num_correct` and `gate_values`.
+        Returns a dict with `hidden` [N, hidden] (the N answer tokens'), `targets` [N] and `gate_values`.
         """
         if (labels is None) == (shift_labels is None):
             raise FlashMorphError(
@@ -220,17 +221,7 @@ class MorphableLM(nn.Module):
         else:
             targets = shift_labels
         answer = targets != -100  # [B, T-1], or [B, T] for shift_labels
-        picked = hidden[answer]  # [N, hidden]
-        logits = self.lm.get_output_embeddings()(picked).float()  # [N, vocab]
-        answer_targets = targets[answer]
-        loss_sum = nn.functional.cross_entropy(logits, answer_targets, reduction="sum")
-        num_correct = (logits.argmax(-1) == answer_targets).sum()
-        return {
-            "loss_sum": loss_sum,
-            "num_tokens": answer.sum(),
-            "num_correct": num_correct,
-            "gate_values": gate_values,
-        }
+        return {"hidden": hidden[answer], "targets": targets[answer], "gate_values": gate_values}
 
     def logits(self, input_ids, position_ids=None, gate_values=None) -> torch.Tensor:
         """Full logits [B, T, vocab]; for tests and short evaluation only."""

@@ -209,7 +209,7 @@ def shard_sequence(input_ids: torch.Tensor, labels: torch.Tensor | None, sp_rank
     """This rank's contiguous slice of a [B, T] batch: `input_ids`, global `position_ids` and `shift_labels`.
 
     Labels are shifted on the full sequence before slicing (the target of a shard's last token is the next shard's
-    first token; the last token of the sequence gets -100), so `MorphableLM(**shard)` sums the loss on local tokens.
+    first token; the last token of the sequence gets -100), so a loss over `model(**shard)` sums the local tokens.
     """
     if input_ids.dim() != 2:
         raise FlashMorphError(f"shard_sequence takes input_ids [batch, seq], got shape {tuple(input_ids.shape)}")

@@ -7,22 +7,18 @@ ranks, with optional Ulysses sequence parallelism and megatron tensor parallelis
 import dataclasses
 import json
 import logging
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from flashmorph.checkpoint import atomic
+from flashmorph.config import DistillRecipe, validate_distill_recipe
 from flashmorph.data import RetrievalDataset
 from flashmorph.data.from_model import data_for_model
 from flashmorph.data.length_schedule import LengthSchedule
 from flashmorph.data.mixture import text_retrieval_mixture
 from flashmorph.data.packed_text import PackedTextDataset
-from flashmorph.config import DistillRecipe, validate_distill_recipe
-from flashmorph.errors import Preempted
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
 from flashmorph.model.load import load_causal_lm
@@ -31,12 +27,10 @@ from flashmorph.parallel import distributed, zero
 from flashmorph.parallel.layout import layout_from_config
 from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
 from flashmorph.run_dir import RunDir, prepare_run_dir, setup_file_logging
-from flashmorph.telemetry import MetricsWriter
 from flashmorph.training import lora
 from flashmorph.training.batches import sample_indices
-from flashmorph.training.bad_steps import BadStepCounter, any_rank_nonfinite, check_step_applied, poison
-from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
 from flashmorph.training.distill_model import DistillModel, base_lm
+from flashmorph.training.loop import LoopConfig, StepLog, train
 from flashmorph.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
@@ -63,36 +57,39 @@ def _student_source(recipe: DistillRecipe) -> Path:
 
 def build_distill_model(recipe: DistillRecipe, ds_config: dict, mesh: Mesh) -> tuple[DistillModel, list]:
     """Student (hybrid, trainable set applied), teacher, and the trainable parameters; parallel layers swapped in."""
-    from flashmorph.parallel.sequence import install_sequence_parallel
-    from flashmorph.parallel.tensor import apply_tensor_parallel
-
     cfg, dtype = recipe.distill, recipe.model.dtype
     # TP slices full weights after loading, so its ranks load unpartitioned; otherwise zero.Init shards at load
     with zero.zero3_model_init(ds_config) if mesh.layout.tensor == 1 else nullcontext():
         student = load_causal_lm(_student_source(recipe), dtype)
         teacher = load_causal_lm(recipe.model.path, dtype) if cfg.trainable != "lora" else None
+    modes = read_layout(recipe.student.layout, student.config.num_hidden_layers)
+    model, trainable = prepare_distill_model(student, teacher, modes, cfg, recipe.morph, mesh,
+                                             recipe.model.activation_checkpointing)
+    if cfg.trainable == "lora" and recipe.student.init_from is not None:
+        lora.load_adapter(model.student, RunDir(recipe.student.init_from).adapter)
+    return model, trainable
+
+
+def prepare_distill_model(student, teacher, modes: list[str], cfg, morph_config, mesh: Mesh | None,
+                          activation_checkpointing: bool) -> tuple[DistillModel, list]:
+    """The loaded `student` made the `modes` hybrid with cfg.trainable's set trainable, `teacher` (None for LoRA: the
+    student with adapters off) all softmax and frozen; with `mesh`, both split for its TP and SP degrees."""
     num_layers = student.config.num_hidden_layers
-    modes = read_layout(recipe.student.layout, num_layers)
-    apply_hybrid_layout(student, modes, recipe.morph)
+    apply_hybrid_layout(student, modes, morph_config)
     student.requires_grad_(False)
     models = [student]
     if teacher is not None:
-        apply_layer_modes(teacher, recipe.morph, ["full"] * num_layers)
+        apply_layer_modes(teacher, morph_config, ["full"] * num_layers)
         teacher.requires_grad_(False)
         models.append(teacher)
-    for lm in models:
-        if mesh.layout.tensor > 1:
-            apply_tensor_parallel(lm, mesh)
-        if mesh.layout.sequence > 1:
-            install_sequence_parallel(lm, mesh.sp_group, cfg.micro_batch_size)
-    if recipe.model.activation_checkpointing:
+    if mesh is not None:
+        parallelize_distill_models(models, mesh, cfg.micro_batch_size)
+    if activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
     if cfg.trainable == "lora":
         student = lora.add_lora(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                                 layers=linear_layers if cfg.lora_linear_layers_only else None)
-        if recipe.student.init_from is not None:
-            lora.load_adapter(student, RunDir(recipe.student.init_from).adapter)
     elif cfg.trainable == "linear":
         for idx in linear_layers:
             attn = student.model.layers[idx].self_attn
@@ -107,6 +104,18 @@ def build_distill_model(recipe: DistillRecipe, ds_config: dict, mesh: Mesh) -> t
     model = DistillModel(student, teacher, temperature=cfg.temperature, ce_weight=cfg.ce_weight,
                          token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
     return model, trainable
+
+
+def parallelize_distill_models(models: list, mesh: Mesh, micro_batch_size: int) -> None:
+    """Megatron TP and Ulysses SP layers swapped into each HF model, for the mesh's degrees (requires_grad kept)."""
+    from flashmorph.parallel.sequence import install_sequence_parallel
+    from flashmorph.parallel.tensor import apply_tensor_parallel
+
+    for lm in models:
+        if mesh.layout.tensor > 1:
+            apply_tensor_parallel(lm, mesh)
+        if mesh.layout.sequence > 1:
+            install_sequence_parallel(lm, mesh.sp_group, micro_batch_size)
 
 
 def build_datasets(recipe: DistillRecipe, vocab_size: int, info) -> dict:
@@ -166,6 +175,64 @@ def run_distill(recipe: DistillRecipe, info: distributed.DistInfo, resume: bool 
         destroy_mesh()
 
 
+def distill_ds_config(recipe: DistillRecipe, dp_size: int) -> dict:
+    """The DeepSpeed config of distillation: ZeRO over the data-parallel ranks, AdamW with warm-up."""
+    cfg = recipe.distill
+    return zero.build_ds_config(
+        micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps, world_size=dp_size,
+        dtype=recipe.model.dtype, zero_stage=recipe.parallel.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps, override_file=recipe.parallel.deepspeed_config)
+
+
+def build_distill(recipe: DistillRecipe, mesh: Mesh) -> tuple[DistillModel, list, object]:
+    """(model, trainable parameters, engine): the student and teacher of build_distill_model under DeepSpeed."""
+    ds_config = distill_ds_config(recipe, mesh.layout.data)
+    torch.manual_seed(recipe.run.seed)
+    model, trainable = build_distill_model(recipe, ds_config, mesh)
+    engine = zero.initialize_engine(model, trainable, ds_config, mpu=mesh.mpu)
+    engine.train()
+    return model, trainable, engine
+
+
+class DistillStep:
+    """One optimizer step of distillation: grad_accum_steps micro batches at the schedule's length, per rank."""
+
+    def __init__(self, engine, datasets: dict, schedule: LengthSchedule, cfg, mesh: Mesh, info):
+        self.engine, self.datasets, self.schedule, self.cfg, self.mesh, self.info = (engine, datasets, schedule, cfg,
+                                                                                      mesh, info)
+        self.kl_history: list[float] = []  # per-token KL of every step run, in order
+        self.kl_by_length: dict[int, list[float]] = {}  # seq_len -> [first, last] KL of the steps run at that length
+
+    def micro_batches(self, step: int):
+        cfg, mesh = self.cfg, self.mesh
+        accum, micro, dp_size = cfg.grad_accum_steps, cfg.micro_batch_size, mesh.layout.data
+        self.seq_len = self.schedule.seq_len_at(step)
+        dataset = self.datasets[self.seq_len]
+        self.global_tokens = micro * accum * dp_size * self.seq_len
+        # DeepSpeed divides each micro loss by accum and averages gradients over the SP x DP ranks that hold the
+        # same weights (mesh.grad_divisor); this scale turns per-rank token sums into the step's mean per token
+        self.scale = accum * mesh.grad_divisor / self.global_tokens
+        self.totals = torch.zeros(2, dtype=torch.float64)  # kl_sum, ce_sum over this rank's tokens
+        return (_local_batch(dataset.batch(sample_indices(step, m, mesh.dp_rank, dp_size, micro, accum)), mesh,
+                             self.info.device) for m in range(accum))
+
+    def micro_step(self, local: dict) -> tuple[torch.Tensor, tuple]:
+        sums = self.engine(local["input_ids"], local["position_ids"], local["shift_labels"])
+        self.totals += torch.stack([sums["kl_sum"].detach().double().cpu(), sums["ce_sum"].detach().double().cpu()])
+        return sums["loss_sum"] * self.scale, ()
+
+    def finish(self, step: int) -> StepLog:
+        # TP ranks hold the same tokens: sum over the data x sequence ranks of TP rank 0's share only
+        totals = self.totals * (1.0 if self.mesh.tp_rank == 0 else 0.0)
+        totals = distributed.all_reduce_sum(totals.to(self.info.device)).cpu()
+        kl, ce = (totals / self.global_tokens).tolist()
+        self.kl_history.append(kl)
+        self.kl_by_length.setdefault(self.seq_len, [kl, kl])[1] = kl
+        scalars = {"loss/kl": kl, "loss/ce": ce, "loss/total": kl + self.cfg.ce_weight * ce,
+                   "lr": self.engine.get_lr()[0], "data/seq_len": self.seq_len}
+        return StepLog(scalars, self.global_tokens, {"kl": f"{kl:.4f}", "len": self.seq_len}, {"kl": kl})
+
+
 def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, preemption) -> DistillResult:
     cfg = recipe.distill
     run_dir = Path(recipe.run.run_dir)
@@ -173,87 +240,20 @@ def _run(recipe, info, mesh, shape, resume, resume_from, show_progress, stage, p
     setup_file_logging(run_dir, info.rank)
     datasets = build_datasets(recipe, shape.vocab_size, info)
     schedule = LengthSchedule([(s.seq_len, s.steps) for s in cfg.length_schedule] or [(recipe.data.seq_len, cfg.steps)])
-    dp_size, dp_rank = mesh.layout.data, mesh.dp_rank
-    ds_config = zero.build_ds_config(
-        micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps, world_size=dp_size,
-        dtype=recipe.model.dtype, zero_stage=recipe.parallel.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps, override_file=recipe.parallel.deepspeed_config)
-    torch.manual_seed(recipe.run.seed)
-    model, trainable = build_distill_model(recipe, ds_config, mesh)
-    engine = zero.initialize_engine(model, trainable, ds_config, mpu=mesh.mpu)
-    engine.train()
+    model, trainable, engine = build_distill(recipe, mesh)
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     log.info("%s: %d trainable parameters (%s), layout tp=%d sp=%d dp=%d", stage, n_trainable, cfg.trainable,
-             mesh.layout.tensor, mesh.layout.sequence, dp_size)
-
-    root = RunDir(run_dir).checkpoints
-    state = resume_checkpoint(engine, root, info, resume_from) if resume else None
-    start_step = state["step"] if state else 0
-    total_steps = schedule.total_steps
-    accum, micro = cfg.grad_accum_steps, cfg.micro_batch_size
-    # DeepSpeed divides each micro loss by accum and averages gradients over the SP x DP ranks that hold the same
-    # weights (mesh.grad_divisor); this scale turns per-rank token sums into the step's mean per token
-    grad_average = mesh.grad_divisor
-    writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
-    bar = tqdm(total=total_steps, initial=start_step, desc=stage, disable=not (info.is_main and show_progress))
-    kl_history: list[float] = []
-    bad_steps = BadStepCounter(stage, cfg.max_bad_steps, "distill.max_bad_steps")
-    kl_by_length: dict[int, list[float]] = {}  # seq_len -> [first, last] KL of the steps run at that length
-    for step in range(start_step, total_steps):
-        started = time.perf_counter()
-        seq_len = schedule.seq_len_at(step)
-        dataset = datasets[seq_len]
-        global_tokens = micro * accum * dp_size * seq_len
-        scale = accum * grad_average / global_tokens
-        totals = torch.zeros(2, dtype=torch.float64)  # kl_sum, ce_sum over this rank's tokens
-        step_bad = False
-        for m in range(accum):
-            batch = dataset.batch(sample_indices(step, m, dp_rank, dp_size, micro, accum))
-            local = _local_batch(batch, mesh, info.device)
-            sums = engine(local["input_ids"], local["position_ids"], local["shift_labels"])
-            loss = sums["loss_sum"] * scale
-            # every rank (TP, SP and DP) must agree before engine.step(): one NaN poisons the step everywhere
-            step_bad = any_rank_nonfinite((loss,), info.device) or step_bad
-            engine.backward(poison(loss) if step_bad else loss)
-            engine.step()
-            totals += torch.stack([sums["kl_sum"].detach().double().cpu(), sums["ce_sum"].detach().double().cpu()])
-        bad, what = check_step_applied(engine, step_bad, recipe.model.dtype, "loss")
-        if bad:
-            writer.scalars(step + 1, {"numerics/skipped_steps": bad_steps.skipped + 1})
-        bad_steps.record(step + 1, bad, what)  # NumericalFault after distill.max_bad_steps in a row
-        # TP ranks hold the same tokens: sum over the data x sequence ranks of TP rank 0's share only
-        totals = totals * (1.0 if mesh.tp_rank == 0 else 0.0)
-        totals = distributed.all_reduce_sum(totals.to(info.device)).cpu()
-        kl, ce = (totals / global_tokens).tolist()
-        kl_history.append(kl)
-        kl_by_length.setdefault(seq_len, [kl, kl])[1] = kl
-        elapsed = time.perf_counter() - started
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            writer.scalars(step + 1, {
-                "loss/kl": kl, "loss/ce": ce, "loss/total": kl + cfg.ce_weight * ce,
-                "lr": engine.get_lr()[0], "data/seq_len": seq_len,
-                "perf/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed,
-                "numerics/skipped_steps": bad_steps.skipped,
-            })
-        bar.update(1)
-        bar.set_postfix(kl=f"{kl:.4f}", len=seq_len)
-        periodic_save = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps
-        if periodic_save:
-            save_checkpoint(engine, root, step + 1, {"kl": kl}, cfg.keep_last, info)
-        if preemption is not None and step + 1 < total_steps and preemption.stop_requested(info.device):
-            if not periodic_save:
-                save_checkpoint(engine, root, step + 1, {"kl": kl}, cfg.keep_last, info)
-            bar.close()
-            writer.close()
-            raise Preempted(step + 1, atomic.checkpoint_dir(root, step + 1), preemption.reason)
-    bar.close()
-    if start_step < total_steps:
-        save_checkpoint(engine, root, total_steps, {"kl": kl_history[-1]}, cfg.keep_last, info)
-    writer.close()
-    student_dir = _write_outputs(recipe, model, mesh, info, kl_history, kl_by_length, start_step, total_steps, stage,
-                                 state["resume"] if state else None, bad_steps.skipped)
+             mesh.layout.tensor, mesh.layout.sequence, mesh.layout.data)
+    step_fn = DistillStep(engine, datasets, schedule, cfg, mesh, info)
+    loop = LoopConfig(stage, schedule.total_steps, cfg.log_every, cfg.save_every, cfg.keep_last, cfg.max_bad_steps,
+                      "distill.max_bad_steps", recipe.model.dtype)
+    done = train(step_fn, loop, run_dir, info, resume=resume, resume_from=resume_from, show_progress=show_progress,
+                 preemption=preemption)
+    student_dir = _write_outputs(recipe, model, mesh, info, step_fn.kl_history, step_fn.kl_by_length, done.start_step,
+                                 schedule.total_steps, stage, done.resumed["resume"] if done.resumed else None,
+                                 done.skipped_steps)
     distributed.barrier()  # _write_outputs gathers on every rank, writes on rank 0
-    return DistillResult(run_dir, kl_history, total_steps, student_dir)
+    return DistillResult(run_dir, step_fn.kl_history, schedule.total_steps, student_dir)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

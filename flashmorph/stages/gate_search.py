@@ -1,33 +1,25 @@
 """Gate search: freeze every weight, train only the gates on synthetic retrieval data under ZeRO-3."""
 
 import json
-import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from flashmorph.checkpoint import atomic
 from flashmorph.config import GateSearchRecipe, num_full_layers, validate_recipe
 from flashmorph.data import RetrievalDataset
 from flashmorph.data.from_model import data_for_model
-from flashmorph.errors import Preempted
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.load import load_causal_lm
-from flashmorph.model.morph import MorphableLM
 from flashmorph.parallel import distributed, zero
 from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
-from flashmorph.telemetry import MetricsWriter
-from flashmorph.training.bad_steps import BadStepCounter, any_rank_nonfinite, check_step_applied, poison
 from flashmorph.training.batches import sample_indices
-from flashmorph.training.checkpointing import resume_checkpoint, save_checkpoint
+from flashmorph.training.losses import retrieval as losses
+from flashmorph.training.loop import LoopConfig, StepLog, train
 from flashmorph.training.preemption import PreemptionGuard
 
-log = logging.getLogger(__name__)
 WEAK_TEACHER_RECALL = 0.5
 
 
@@ -43,20 +35,6 @@ class GateSearchResult:
     skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf in this process's run
 
 
-def regularizer(gate_values: torch.Tensor, kind: str, budget_fraction: float) -> torch.Tensor:
-    """Linearization pressure: the mean gate, or only its excess over the budget fraction."""
-    mean_gate = gate_values.mean()
-    if kind == "mean":
-        return mean_gate
-    return torch.relu(mean_gate - budget_fraction)
-
-
-def reg_lambda(step: int, weight: float, warmup_steps: int) -> float:
-    if warmup_steps == 0:
-        return weight
-    return weight * min(1.0, (step + 1) / warmup_steps)
-
-
 def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info, show_progress: bool,
                        preemption: PreemptionGuard | None) -> tuple[Path, dict | None]:
     if recipe.model.path is not None:
@@ -68,15 +46,82 @@ def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info, show_progr
     return teacher_dir, report
 
 
-def _save_checkpoint(engine, root: Path, step: int, accuracy: float, keep_last: int, info) -> None:
-    save_checkpoint(engine, root, step, {"accuracy": accuracy}, keep_last, info)  # storage failures: CheckpointError
+def gate_search_ds_config(search, parallel, dtype: str, world_size: int) -> dict:
+    """The DeepSpeed config of gate search: ZeRO over every rank, AdamW on the gate logits only."""
+    return zero.build_ds_config(
+        micro_batch_size=search.micro_batch_size, grad_accum_steps=search.grad_accum_steps, world_size=world_size,
+        dtype=dtype, zero_stage=parallel.zero_stage, lr=search.lr, weight_decay=search.weight_decay,
+        grad_clip=search.grad_clip, override_file=parallel.deepspeed_config)
 
 
-def _resume(engine, root: Path, info, step: int | None) -> tuple[int, float, dict | None]:
-    """(first step to run, accuracy of the last step done, what was resumed) from the newest intact checkpoint,
-    or from the one of `step`."""
-    state = resume_checkpoint(engine, root, info, step)
-    return (0, float("nan"), None) if state is None else (state["step"], state["accuracy"], state["resume"])
+def build_gate_engine(lm, morph_config, ds_config: dict, seed: int) -> tuple[losses.RetrievalLossModel, object]:
+    """Gates around `lm` (frozen, loaded under zero.Init by the caller) and the engine that trains only them."""
+    torch.manual_seed(seed)  # the gates' initial values
+    model = losses.RetrievalLossModel(lm, morph_config)
+    engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
+    engine.train()
+    return model, engine
+
+
+def build_gate_search(recipe: GateSearchRecipe, model_dir: Path,
+                      world_size: int) -> tuple[losses.RetrievalLossModel, object]:
+    """The recipe's model from `model_dir`, partitioned at load, with its gates and their engine."""
+    ds_config = gate_search_ds_config(recipe.search, recipe.parallel, recipe.model.dtype, world_size)
+    with zero.zero3_model_init(ds_config):
+        lm = load_causal_lm(model_dir, recipe.model.dtype)
+    if recipe.model.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return build_gate_engine(lm, recipe.morph, ds_config, recipe.run.seed)
+
+
+def gate_search_loss(out: dict, ce_scale: float, lam: float, search, budget_fraction: float):
+    """(the micro step's loss, its regularizer term): scaled answer-token CE + lambda x regularizer."""
+    reg = losses.regularizer(out["gate_values"], search.regularizer, budget_fraction)
+    return out["loss_sum"] * ce_scale + lam * reg, reg
+
+
+class GateSearchStep:
+    """One optimizer step of gate search: grad_accum_steps micro batches of retrieval samples per rank."""
+
+    def __init__(self, engine, model: losses.RetrievalLossModel, dataset, search, info, budget_fraction: float):
+        self.engine, self.model, self.dataset, self.search, self.info = engine, model, dataset, search, info
+        self.budget_fraction = budget_fraction
+
+    def micro_batches(self, step: int) -> list[dict]:
+        search, info = self.search, self.info
+        accum, world = search.grad_accum_steps, info.world_size
+        batches = [self.dataset.batch(sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
+                   for m in range(accum)]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_tokens = distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=info.device)).item()
+        # DeepSpeed divides each micro loss by accum and averages over ranks; this scale turns the
+        # per-rank sums back into the mean over the whole step's answer tokens, for any world size
+        self.ce_scale = accum * world / max(step_tokens, 1.0)
+        self.lam = losses.reg_lambda(step, search.reg_weight, search.reg_warmup_steps)
+        self.totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # ce_sum, tokens, correct, reg
+        self.seq_tokens = sum(b["input_ids"].numel() for b in batches) * world
+        return batches
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, tuple]:
+        device = self.info.device
+        self.out = self.engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        loss, reg = gate_search_loss(self.out, self.ce_scale, self.lam, self.search, self.budget_fraction)
+        self.totals += torch.stack([self.out["loss_sum"].detach().double(), self.out["num_tokens"].double(),
+                                    self.out["num_correct"].double(),
+                                    reg.detach().double() / self.search.grad_accum_steps])
+        return loss, (self.out["gate_values"],)
+
+    def finish(self, step: int) -> StepLog:
+        gate_values = self.out["gate_values"].detach().float().cpu()
+        totals = distributed.all_reduce_sum(self.totals)
+        ce = (totals[0] / totals[1]).item()
+        accuracy = (totals[2] / totals[1]).item()
+        reg_value = totals[3].item() / self.info.world_size
+        scalars = {"loss/total": ce + self.lam * reg_value, "loss/retrieval": ce, "loss/regularizer": reg_value,
+                   "reg/lambda": self.lam, "acc/retrieval": accuracy}
+        gates = " ".join(f"{v:.2f}" for v in self.model.gates.layer_scores(gate_values))
+        return StepLog(scalars, self.seq_tokens, {"ce": f"{ce:.3f}", "acc": f"{accuracy:.2f}", "gates": gates},
+                       {"accuracy": accuracy}, gates=gate_values)
 
 
 def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume: bool = False,
@@ -102,93 +147,24 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
         space, haystack = data_for_model(model_dir, recipe.data, shape.vocab_size)
         dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
-    ds_config = zero.build_ds_config(
-        micro_batch_size=search.micro_batch_size, grad_accum_steps=search.grad_accum_steps,
-        world_size=info.world_size, dtype=recipe.model.dtype, zero_stage=recipe.parallel.zero_stage,
-        lr=search.lr, weight_decay=search.weight_decay, grad_clip=search.grad_clip,
-        override_file=recipe.parallel.deepspeed_config)
-    with zero.zero3_model_init(ds_config):
-        lm = load_causal_lm(model_dir, recipe.model.dtype)
-    if recipe.model.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(recipe.run.seed)
-    model = MorphableLM(lm, recipe.morph)
-    engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
-    engine.train()
-
-    root = RunDir(run_dir).checkpoints
-    start_step, accuracy, resumed = _resume(engine, root, info, resume_from) if resume else (0, float("nan"), None)
-
-    num_layers = shape.num_layers
-    k = num_full_layers(search.budget, num_layers)
-    budget_fraction = k / num_layers
-    accum, world = search.grad_accum_steps, info.world_size
-    writer = MetricsWriter(RunDir(run_dir).tb, enabled=info.is_main)
-    bar = tqdm(total=search.steps, initial=start_step, desc="gate search", disable=not (info.is_main and show_progress))
-    bad_steps = BadStepCounter("gate search", search.max_bad_steps, "search.max_bad_steps")
-    for step in range(start_step, search.steps):
-        started = time.perf_counter()
-        batches = [dataset.batch(sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
-                   for m in range(accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        step_tokens = distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=info.device)).item()
-        # DeepSpeed divides each micro loss by accum and averages over ranks; this scale turns the
-        # per-rank sums back into the mean over the whole step's answer tokens, for any world size
-        ce_scale = accum * world / max(step_tokens, 1.0)
-        lam = reg_lambda(step, search.reg_weight, search.reg_warmup_steps)
-        totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # ce_sum, tokens, correct, reg
-        step_bad = False
-        for batch in batches:
-            out = engine(batch["input_ids"].to(info.device), labels=batch["labels"].to(info.device))
-            reg = regularizer(out["gate_values"], search.regularizer, budget_fraction)
-            loss = out["loss_sum"] * ce_scale + lam * reg
-            # every rank must agree before engine.step(): a NaN on one rank poisons the step on all of them
-            step_bad = any_rank_nonfinite((loss, out["gate_values"]), info.device) or step_bad
-            engine.backward(poison(loss) if step_bad else loss)
-            engine.step()
-            totals += torch.stack([out["loss_sum"].detach().double(), out["num_tokens"].double(),
-                                   out["num_correct"].double(), reg.detach().double() / accum])
-        bad, what = check_step_applied(engine, step_bad, recipe.model.dtype, "loss or gates")
-        if bad:
-            writer.scalars(step + 1, {"numerics/skipped_steps": bad_steps.skipped + 1})
-        bad_steps.record(step + 1, bad, what)  # NumericalFault after search.max_bad_steps in a row
-        gate_values = out["gate_values"].detach().float().cpu()
-        distributed.all_reduce_sum(totals)
-        ce = (totals[0] / totals[1]).item()
-        accuracy = (totals[2] / totals[1]).item()
-        reg_value = totals[3].item() / world
-        elapsed = time.perf_counter() - started
-        seq_tokens = sum(b["input_ids"].numel() for b in batches) * world
-        if (step + 1) % search.log_every == 0 or step + 1 == search.steps:
-            writer.scalars(step + 1, {
-                "loss/total": ce + lam * reg_value, "loss/retrieval": ce, "loss/regularizer": reg_value,
-                "reg/lambda": lam, "acc/retrieval": accuracy, "perf/tokens_per_s": seq_tokens / elapsed,
-                "perf/step_time_s": elapsed, "numerics/skipped_steps": bad_steps.skipped,
-            })
-            writer.gates(step + 1, gate_values)
-        bar.update(1)
-        bar.set_postfix(ce=f"{ce:.3f}", acc=f"{accuracy:.2f}", gates=" ".join(f"{v:.2f}" for v in
-                                                                            model.gates.layer_scores(gate_values)))
-        periodic_save = search.save_every and (step + 1) % search.save_every == 0 and step + 1 < search.steps
-        if periodic_save:
-            _save_checkpoint(engine, root, step + 1, accuracy, search.keep_last, info)
-        if preemption is not None and step + 1 < search.steps and preemption.stop_requested(info.device):
-            if not periodic_save:
-                _save_checkpoint(engine, root, step + 1, accuracy, search.keep_last, info)
-            bar.close()
-            writer.close()
-            raise Preempted(step + 1, atomic.checkpoint_dir(root, step + 1), preemption.reason)
-    bar.close()
-    if start_step < search.steps:
-        _save_checkpoint(engine, root, search.steps, accuracy, search.keep_last, info)
-    writer.close()
+    model, engine = build_gate_search(recipe, model_dir, info.world_size)
+    k = num_full_layers(search.budget, shape.num_layers)
+    step_fn = GateSearchStep(engine, model, dataset, search, info, budget_fraction=k / shape.num_layers)
+    loop = LoopConfig("gate search", search.steps, search.log_every, search.save_every, search.keep_last,
+                      search.max_bad_steps, "search.max_bad_steps", recipe.model.dtype, checked="loss or gates")
+    done = train(step_fn, loop, run_dir, info, resume=resume, resume_from=resume_from, show_progress=show_progress,
+                 preemption=preemption)
+    # a finished run resumed again runs no step: its accuracy is the one its last checkpoint recorded
+    state = done.last.checkpoint_state if done.last else done.resumed
+    accuracy = state["accuracy"] if state else float("nan")
+    resumed = done.resumed["resume"] if done.resumed else None
 
     logits = zero.full_state(model.gates)["gate_logits"]
     gate_values = torch.sigmoid(logits)
     layer_scores = model.gates.layer_scores(gate_values)
     kept = top_k_indices(layer_scores, k)  # the same rule tools/discretize_gates.py applies
     result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report, resumed,
-                              bad_steps.skipped)
+                              done.skipped_steps)
     # on rank 0, and a full disk there raises on every rank instead of leaving the others at a barrier
     distributed.run_on_main(lambda: _write_outputs(result, recipe, k, model_dir, info.world_size), info)
     return result

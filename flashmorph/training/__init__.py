@@ -1,1 +1,2 @@
-"""Training pieces shared by the stages: losses, the distillation module, checkpoint/resume, preemption."""
+"""Training pieces shared by the stages: the one training loop, losses, the distillation module, checkpoint/resume,
+preemption."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flashmorph.model.morph import temporary_layer_modes
-from flashmorph.training.distill_loss import chunked_distill_loss
+from flashmorph.training.losses.distill import chunked_distill_loss
 
 
 def base_lm(model: nn.Module) -> nn.Module:

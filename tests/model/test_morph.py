@@ -7,7 +7,8 @@ from transformers import AttentionInterface
 
 from flashmorph.model.config import MorphConfig
 from flashmorph.model.ops.gla import gla_recurrent_reference
-from flashmorph.model.morph import ATTN_KEY, morph_model
+from flashmorph.model.morph import ATTN_KEY, MorphableLM, morph_model
+from flashmorph.training.losses.retrieval import RetrievalLossModel
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 
@@ -107,7 +108,7 @@ def test_gate_mix_is_the_weighted_sum_of_both_branches(tiny_lm):
 
 def test_only_gates_train_and_frozen_weights_stay_bit_identical(tiny_lm):
     lm = tiny_lm()
-    morphed = morph_model(lm)
+    morphed = RetrievalLossModel(lm, MorphConfig())  # the morphed model with gate search's loss in its forward
     frozen_before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     trainable = [n for n, p in morphed.named_parameters() if p.requires_grad]
     assert trainable == ["gates.gate_logits"]
@@ -130,13 +131,16 @@ def test_only_gates_train_and_frozen_weights_stay_bit_identical(tiny_lm):
 
 
 def test_loss_on_answer_tokens_matches_full_logits(tiny_lm):
-    morphed = morph_model(tiny_lm())
+    morphed = RetrievalLossModel(tiny_lm(), MorphConfig())
     ids = torch.randint(0, 64, (3, 30))
     labels = torch.full_like(ids, -100)
     labels[:, 20:] = ids[:, 20:]
     with torch.no_grad():
         out = morphed(ids, labels=labels)
         logits = morphed.logits(ids)
+        answers = MorphableLM.forward(morphed, ids, labels=labels)  # what the model hands the loss
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction="sum")
     torch.testing.assert_close(out["loss_sum"], expected, rtol=1e-5, atol=1e-5)
     assert out["num_tokens"].item() == 30
+    assert answers["hidden"].shape == (30, morphed.lm.config.hidden_size)  # only answer tokens reach the head
+    assert torch.equal(answers["targets"], labels[:, 1:][labels[:, 1:] != -100])

@@ -181,9 +181,9 @@ def gate_batch() -> dict:
 
 def _morphable(granularity: str):
     from flashmorph.model.config import MorphConfig
-    from flashmorph.model.morph import morph_model
+    from flashmorph.training.losses.retrieval import RetrievalLossModel
 
-    model = morph_model(_tiny(), MorphConfig(gate_granularity=granularity))
+    model = RetrievalLossModel(_tiny(), MorphConfig(gate_granularity=granularity))
     logits = model.gates.gate_logits  # [layers] or [layers, heads]
     with torch.no_grad():  # distinct gates per layer and head, so a gradient landing on the wrong one shows
         logits.copy_(torch.linspace(1.5, -0.5, logits.numel()).view_as(logits))
@@ -192,7 +192,7 @@ def _morphable(granularity: str):
 
 def gate_reference(granularity: str) -> dict:
     """One process, plain AdamW on the whole batch: the stage's loss (mean answer CE + lambda x regularizer)."""
-    from flashmorph.stages.gate_search import regularizer
+    from flashmorph.training.losses.retrieval import regularizer
 
     model = _morphable(granularity)
     optimizer = torch.optim.AdamW(model.gates.parameters(), lr=GATE_LR, weight_decay=0.0)
@@ -218,7 +218,7 @@ def gate_search_zero(mesh, granularity: str) -> dict:
 
     from flashmorph.parallel import zero
     from flashmorph.parallel.gate_parallel import answer_loss_scale, local_gate_batch, parallelize_gate_search
-    from flashmorph.stages.gate_search import regularizer
+    from flashmorph.training.losses.retrieval import regularizer
 
     micro = GATE_ROWS // mesh.dp_size
     model = parallelize_gate_search(_morphable(granularity), mesh, micro_batch_size=micro)

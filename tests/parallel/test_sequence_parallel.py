@@ -13,6 +13,7 @@ from flashmorph.model.config import MorphConfig
 from flashmorph.model.hybrid import apply_hybrid_layout
 from flashmorph.model.morph import morph_model
 from flashmorph.model.tiny import build_tiny_model, tiny_config
+from flashmorph.training.losses.retrieval import RetrievalLossModel
 from flashmorph.parallel.sequence import check_sequence_parallel, shard_sequence
 
 SEQ_LEN, BATCH = 32, 2  # tiny Llama: 4 layers, hidden 64, 4 heads, 2 kv heads, vocab 64, fp32
@@ -42,7 +43,7 @@ def _build(scenario):
         for name, param in lm.named_parameters():
             param.requires_grad_(name in HYBRID_TRAINABLE)
         return lm, lm
-    model = morph_model(lm, MorphConfig(gate_granularity="head" if scenario == "head_gates" else "layer"))
+    model = RetrievalLossModel(lm, MorphConfig(gate_granularity="head" if scenario == "head_gates" else "layer"))
     with torch.no_grad():  # distinct gates per layer and head, so a wrongly sliced head gate shows
         logits = model.gates.gate_logits
         logits.copy_(torch.linspace(-2.0, 2.0, logits.numel()).view_as(logits))

@@ -23,26 +23,27 @@ def _recipe(model_dir, run_dir, steps, *extra):
 
 def _with_nan_at(info, steps: set[int], ranks: set[int]):
     """Make the regularizer, hence the loss, NaN at these 0-based steps on these ranks (one micro step per step)."""
-    from flashmorph.stages import gate_search
+    from flashmorph.training.losses import retrieval
 
-    real, calls = gate_search.regularizer, []
+    real, calls = retrieval.regularizer, []
 
     def regularizer(*args):
         value = real(*args)
         calls.append(None)
         return value * float("nan") if len(calls) - 1 in steps and info.rank in ranks else value
 
-    gate_search.regularizer = regularizer
+    retrieval.regularizer = regularizer
     return real
 
 
 def _runs(info, model_dir, root):
     from flashmorph.stages import gate_search
+    from flashmorph.training.losses import retrieval
 
     clean = gate_search.run_gate_search(_recipe(model_dir, root / "clean", 2), info, show_progress=False)
     real = _with_nan_at(info, {2}, {1})  # the third step goes bad on rank 1 only
     skipped = gate_search.run_gate_search(_recipe(model_dir, root / "nan", 3), info, show_progress=False)
-    gate_search.regularizer = real
+    retrieval.regularizer = real
     _with_nan_at(info, {1, 3, 4, 5}, {0})  # bad at steps 2, 4, 5, 6 (1-based): the third in a row stops it
     try:
         gate_search.run_gate_search(_recipe(model_dir, root / "stop", 8, "search.max_bad_steps=3"), info,
@@ -50,7 +51,7 @@ def _runs(info, model_dir, root):
         stop = None
     except NumericalFault as err:
         stop = str(err)
-    gate_search.regularizer = real
+    retrieval.regularizer = real
     return clean.gate_values, skipped.gate_values, skipped.skipped_steps, stop
 
 

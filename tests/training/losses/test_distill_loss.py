@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from flashmorph.errors import ConfigError, FlashMorphError
-from flashmorph.training.distill_loss import chunked_distill_loss, distill_loss_reference
+from flashmorph.training.losses.distill import chunked_distill_loss, distill_loss_reference
 
 # N is not a multiple of TOKEN_CHUNK, V not a multiple of VOCAB_CHUNK.
 N, H, V, TOKEN_CHUNK, VOCAB_CHUNK = 37, 16, 53, 8, 10

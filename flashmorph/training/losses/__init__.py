@@ -1,0 +1,1 @@
+"""The stages' losses: answer-token retrieval CE and the gate regularizer (retrieval), tiled KL/CE (distill)."""
