@@ -3,18 +3,37 @@ its forward) plus a linearization regularizer on the gates, whose weight lambda 
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flashmorph.model.morph import MorphableLM
 
 
-def answer_token_ce(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> dict[str, torch.Tensor]:
+ANSWER_TOKEN_CHUNK = 4096  # rows of logits that exist at once; retrieval batches have far fewer answer tokens
+
+
+def answer_token_ce(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+                    token_chunk: int = ANSWER_TOKEN_CHUNK) -> dict[str, torch.Tensor]:
     """Summed cross-entropy of N answer tokens' hidden states [N, hidden] against their targets [N], and how many
-    the argmax gets right; only these N rows go through the LM head (no T x vocab logits)."""
-    logits = head(hidden).float()  # [N, vocab]
-    loss_sum = nn.functional.cross_entropy(logits, targets, reduction="sum")
-    num_correct = (logits.argmax(-1) == targets).sum()
+    the argmax gets right; only these N rows go through the LM head (no T x vocab logits).
+
+    Above `token_chunk` rows (a dataset that labels every token of a long sequence) the rows go through the head a
+    chunk at a time and each chunk's logits are recomputed in backward, so at most token_chunk x vocab logits exist.
+    """
+    if targets.numel() <= token_chunk:
+        loss_sum, num_correct = _ce_and_hits(hidden, targets, head)
+    else:
+        loss_sum, num_correct = 0.0, 0
+        for start in range(0, targets.numel(), token_chunk):
+            rows = slice(start, start + token_chunk)
+            chunk_loss, chunk_hits = checkpoint(_ce_and_hits, hidden[rows], targets[rows], head, use_reentrant=False)
+            loss_sum, num_correct = loss_sum + chunk_loss, num_correct + chunk_hits
     return {"loss_sum": loss_sum, "num_tokens": torch.tensor(targets.numel(), device=targets.device),
             "num_correct": num_correct}
+
+
+def _ce_and_hits(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()  # [rows, vocab]
+    return nn.functional.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
 
 class RetrievalLossModel(MorphableLM):
