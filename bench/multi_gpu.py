@@ -818,7 +818,7 @@ def main(argv: list[str] | None = None) -> None:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
         os._exit(1)
-    distributed.destroy_distributed()  # without it gloo ranks sometimes abort at exit (DESIGN: traps)
+    distributed.destroy_distributed()  # without it gloo ranks sometimes abort at exit
     if pid_file is not None:
         pid_file.unlink(missing_ok=True)
 

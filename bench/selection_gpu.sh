@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The selection experiment of docs/results.md on one GPU, in calls of < 10 minutes each (the device's limit).
+# The selection experiment of docs/gate_search.md on one GPU, in calls of < 10 minutes each (the device's limit).
 #
 #   bash bench/selection_gpu.sh first OUT      # train the proxy teacher (recipes/experiments/proxy_teacher.yaml)
 #                                              # and start the experiment on it; state -> OUT/state.tgz.part*

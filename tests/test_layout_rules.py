@@ -61,3 +61,11 @@ def test_the_run_dir_name_scan_finds_a_join(tmp_path):
     assert run_dir_name_joins(tmp_path) == ['tools/x.py:1: a = run_dir / "summary.json"',
                                             'tools/x.py:3: c = Path(d) /"tb"']
 
+
+
+def test_comments_cite_documents_that_are_in_the_repository():
+    """A comment's "(DESIGN: ...)" pointed at a design note kept outside the repository; cite docs/ instead."""
+    assert matching_lines(ROOT, re.compile(r"\bDESIGN\b")) == []
+    cited = {m.group(0) for line in matching_lines(ROOT, re.compile(r"docs/[\w/.-]+\.md"))
+             for m in re.finditer(r"docs/[\w/.-]+\.md", line)}
+    assert cited and all((ROOT / doc).is_file() for doc in cited), sorted(d for d in cited if not (ROOT / d).is_file())

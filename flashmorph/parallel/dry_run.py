@@ -89,7 +89,7 @@ class StepShape:
 
 def communication_plan(shape: ModelShape, layout: ParallelLayout, step: StepShape,
                        params: RankParams) -> list[Collective]:
-    """The collectives of one optimizer step on one rank (DESIGN: Parallelism), with their payloads:
+    """The collectives of one optimizer step on one rank (docs/parallelism.md), with their payloads:
 
     TP (megatron-core): an all-reduce of the hidden states after o_proj and down_proj in every forward, and of the
     input gradient of each column-parallel projection (q, k, v, gate, up) in the backward.

@@ -26,7 +26,7 @@ from flashmorph.parallel.tp_shards import TPSource
 
 log = logging.getLogger(__name__)
 
-# The projections megatron splits (DESIGN: Parallelism). Column-parallel layers own whole query / kv heads and MLP
+# The projections megatron splits (docs/parallelism.md). Column-parallel layers own whole query / kv heads and MLP
 # channels, so attention and the MLP's activation run on local slices with no communication; the row-parallel
 # o_proj / down_proj all-reduce once per block. Embedding and lm_head stay replicated: the tiled loss keeps logits
 # small (never T x vocab), so a vocab split would save little memory for an extra all-reduce and a parallel

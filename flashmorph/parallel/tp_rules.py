@@ -34,7 +34,7 @@ class TPRule:
     unit: str | None  # what the split dim counts (heads, kv heads, ...), for error messages and checks
 
 
-# Megatron's partitioning of the HF projections it replaces in place (DESIGN: Parallelism): column-parallel layers
+# Megatron's partitioning of the HF projections it replaces in place (docs/parallelism.md): column-parallel layers
 # own a contiguous block of output rows, row-parallel layers a block of input columns, vocab-parallel layers a block
 # of the vocabulary. A contiguous block of q rows is a block of whole query heads, and of k/v rows a block of whole
 # kv heads; with tp | num_kv_heads rank r's query heads use exactly rank r's kv heads, so GQA stays correct.
