@@ -6,7 +6,8 @@ matching keys). A curriculum over the number of pairs (2 -> 3 -> 4 -> 6 -> 8) th
 recall reaches `advance_accuracy` gets the 4-layer, hidden-128 default to ~90% recall on 8 pairs in about 3,000
 steps (~3.5 minutes on 2 CPU cores). Deeper teachers stall at the same shortcut with this recipe alone; text windows
 beside the retrieval batch (`text_batch_size`, bytes of the Python standard library's sources) and a text-only
-warm-up (`text_steps`) are the proxy teacher's recipe (recipes/experiments/proxy_teacher.yaml, docs/gate_search.md, the selection experiment).
+warm-up (`text_steps`) are options for such teachers (recipes/experiments/proxy_teacher.yaml; docs/gate_search.md,
+the selection experiment).
 
 The stage runs on the GPU when there is one, logs every `log_every` steps, writes a resumable checkpoint every
 `checkpoint_every` steps (a rerun continues from it, bit for bit), and stops cleanly on SIGTERM/SIGUSR1.
