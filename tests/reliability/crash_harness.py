@@ -1,0 +1,312 @@
+"""Seeded crash harness: run a stage's launcher as users do, SIGKILL it (at a seeded moment or at a named point of a
+checkpoint write, via FLASHMORPH_FAULT_KILL_AT), resume, repeat; the outputs must equal an uninterrupted run's.
+
+CI runs a few trials (tests/reliability/test_crash_harness.py); a longer campaign runs this file directly:
+
+    OMP_NUM_THREADS=1 python tests/reliability/crash_harness.py --trials 20 --seed 0 --out /tmp/crash
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FAULT_ENV = "FLASHMORPH_FAULT_KILL_AT"  # flashmorph/io/atomic.py reads it
+DEFAULT_SEED = 0
+TRIALS_ENV = "FLASHMORPH_CRASH_TRIALS"  # trials per stage for a long run of the pytest suite
+CHECKPOINT_SITES = ("staging", "sealing", "manifest", "sealed", "prune")  # every save passes these (prune: keep_last)
+FILE_SITES = ("file_tmp", "file_renamed")  # single-file writes: outputs, summary, config.yaml, teacher checkpoints
+LAUNCH_TIMEOUT_S = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage as the harness drives it: its launcher command, and what must come out bit for bit."""
+
+    name: str
+    launcher: str  # under launcher/
+    recipe: str  # under recipes/
+    overrides: tuple[str, ...]  # everything but the run directory
+    dir_key: str  # the override that names the run (or output) directory
+    outputs: tuple[str, ...]  # files, or directories compared file by file, relative to the run dir
+    summary: str  # the JSON written last: compared without the keys below
+    summary_skip: tuple[str, ...]  # describe this process (wall time, what was resumed), not the result
+    resume_flag: tuple[str, ...] = ("--resume",)  # the teacher continues on its own
+    sites: dict = dataclasses.field(default_factory=dict)  # fault site -> hits in an uninterrupted run
+
+    def command(self, run_dir: Path, resume: bool) -> list[str]:
+        argv = [sys.executable, str(ROOT / "launcher" / self.launcher), "--config", str(ROOT / "recipes" / self.recipe),
+                "--no-progress"]
+        for item in (*self.overrides, f"{self.dir_key}={run_dir}"):
+            argv += ["--override", item]
+        return argv + list(self.resume_flag if resume else ())
+
+
+def build_inputs(root: Path) -> dict[str, Path]:
+    """The tiny models every stage reads: a 2-layer model for gate search, a 4-layer teacher with a layout."""
+    from flashmorph.model.tiny import build_tiny_model, tiny_config
+
+    paths = {"gate_model": root / "gate_model", "distill_model": root / "distill_model"}
+    if not (paths["gate_model"] / "config.json").is_file():
+        build_tiny_model(tiny_config("llama", num_layers=2), seed=7).save_pretrained(paths["gate_model"])
+    if not (paths["distill_model"] / "hybrid.json").is_file():
+        config = tiny_config("llama", num_layers=4)
+        config.initializer_range = 0.3  # as in tests/stages/test_distill.py: a KL that moves
+        build_tiny_model(config, seed=3).save_pretrained(paths["distill_model"])
+        (paths["distill_model"] / "hybrid.json").write_text(json.dumps({"layer_types": ["full", "linear", "linear",
+                                                                                         "full"]}))
+    return paths
+
+
+def stages(inputs: dict[str, Path], distill_run: Path | None = None) -> dict[str, Stage]:
+    """The tiniest settings that still save several checkpoints and prune some; `distill_run` (a finished distill
+    run) enables long_context, which continues from it."""
+    skip = ("resumed", "train_seconds", "skipped_nonfinite_steps")
+    ckpt_sites = lambda saves, pruned, files: {**{s: saves for s in CHECKPOINT_SITES[:4]}, "prune": pruned,  # noqa: E731
+                                               "file_tmp": files, "file_renamed": files}
+    gate = inputs["gate_model"]
+    model = inputs["distill_model"]
+    distill_common = (f"model.path={model}", f"student.layout={model / 'hybrid.json'}", "distill.micro_batch_size=2",
+                      "distill.warmup_steps=0", "data.seq_len=32", "data.num_pairs=4", "distill.token_chunk=24",
+                      "distill.vocab_chunk=40", "text.weight=0", "distill.save_every=1", "distill.keep_last=2",
+                      "distill.lr=0.01")
+    found = {
+        "teacher": Stage(
+            "teacher", "teacher.py", "experiments/proxy_teacher.yaml",
+            ("teacher.device=cpu", "teacher.num_layers=2", "teacher.hidden_size=32", "teacher.num_heads=2",
+             "teacher.num_kv_heads=1", "teacher.vocab_size=64", "teacher.batch_size=8", "teacher.eval_samples=16",
+             "teacher.warmup_steps=2", "teacher.checkpoint_every=2", "teacher.curriculum=[2,3]",
+             "teacher.advance_accuracy=1.0", "teacher.max_steps_per_stage=4", "teacher.require_complete=false"),
+            "out_dir", ("model.safetensors", "config.json"), "teacher_report.json", skip, resume_flag=(),
+            # 4 saves of 3 files each (model, optimizer, progress), then the report; keep_last=1 prunes 3
+            sites={**ckpt_sites(4, 3, 13)}),
+        "gate_search": Stage(
+            "gate_search", "gate_search.py", "embedded.yaml",
+            (f"model.path={gate}", "search.steps=4", "search.save_every=1", "search.keep_last=2",
+             "search.micro_batch_size=2", "data.seq_len=34"),
+            "run.run_dir", ("gates.safetensors",), "summary.json", skip,
+            # 4 saves, 2 pruned; config.yaml, versions.json, gates.safetensors, summary.json
+            sites=ckpt_sites(4, 2, 4)),
+        "distill": Stage(
+            "distill", "distill.py", "embedded_distill.yaml", (*distill_common, "distill.steps=4"),
+            "run.run_dir", ("adapter", "student"), "summary.json", (*skip, "first_step_run", "kl_per_token"),
+            sites=ckpt_sites(4, 2, 4)),
+    }
+    if distill_run is not None:
+        found["long_context"] = Stage(
+            "long_context", "long_context.py", "embedded_long_context.yaml",
+            (*distill_common, f"student.init_from={distill_run}",
+             "distill.length_schedule=[{seq_len: 32, steps: 2}, {seq_len: 48, steps: 2}]"),
+            "run.run_dir", ("adapter", "student"), "summary.json", (*skip, "first_step_run", "kl_per_token"),
+            sites=ckpt_sites(4, 2, 4))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One launch, one trial
+
+
+@dataclasses.dataclass
+class Launch:
+    resume: bool
+    kill: str | None  # "site:n", "time:seconds" or None (run to the end)
+    returncode: int
+    seconds: float
+    killed: bool  # died by SIGKILL (the injected fault happened)
+
+
+def launch(stage: Stage, run_dir: Path, log: Path, kill: str | None = None) -> Launch:
+    """Start the launcher (with --resume when run_dir exists, as a requeued job would); kill it as `kill` says."""
+    resume = run_dir.exists()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    env.pop(FAULT_ENV, None)
+    delay = None
+    if kill is not None and kill.startswith("time:"):
+        delay = float(kill.split(":")[1])
+    elif kill is not None:
+        env[FAULT_ENV] = kill
+    started = time.monotonic()
+    with open(log, "a") as out:
+        out.write(f"\n$ {FAULT_ENV}={env.get(FAULT_ENV, '')} {' '.join(stage.command(run_dir, resume))}\n")
+        out.flush()
+        proc = subprocess.Popen(stage.command(run_dir, resume), env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=delay if delay is not None else LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            if delay is None:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"{stage.name}: launch ran past {LAUNCH_TIMEOUT_S} s; see {log}") from None
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    return Launch(resume, kill, proc.returncode, round(time.monotonic() - started, 2),
+                  proc.returncode == -signal.SIGKILL)
+
+
+def check_resumable(stage: Stage, run_dir: Path) -> None:
+    """What a kill may leave: no run dir, or one that --resume accepts, whose every sealed checkpoint is intact."""
+    from flashmorph.checkpoint.atomic import list_checkpoints, verify
+    from flashmorph.run_dir import check_resume
+
+    if not run_dir.exists():
+        return
+    if stage.resume_flag:
+        check_resume(run_dir, True)  # raises the one-line refusal the launcher would print
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):
+        verify(ckpt, deep=True)  # a SIGKILL must never leave a damaged step_N: sealing is a rename
+
+
+def outputs(stage: Stage, run_dir: Path) -> dict[str, bytes]:
+    """Every output file's bytes, by path relative to run_dir."""
+    found = {}
+    for rel in stage.outputs:
+        path = run_dir / rel
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            found[file.relative_to(run_dir).as_posix()] = file.read_bytes() if file.is_file() else b"<missing>"
+    return found
+
+
+def summary(stage: Stage, run_dir: Path) -> dict:
+    data = json.loads((run_dir / stage.summary).read_text())
+    return {k: v for k, v in data.items() if k not in stage.summary_skip}
+
+
+def compare(stage: Stage, reference: Path, run_dir: Path) -> list[str]:
+    """The differences from the uninterrupted run (empty: bit for bit the same)."""
+    problems = []
+    expected, got = outputs(stage, reference), outputs(stage, run_dir)
+    for rel in sorted(expected.keys() | got.keys()):
+        if expected.get(rel) != got.get(rel):
+            problems.append(f"{rel} differs from the uninterrupted run")
+    if summary(stage, reference) != summary(stage, run_dir):
+        problems.append(f"{stage.summary} differs: {summary(stage, reference)} != {summary(stage, run_dir)}")
+    if stage.summary_skip and "kl_per_token" in stage.summary_skip:
+        # only the steps this process ran are in kl_per_token: their last KL must match when it ran any
+        first_run = json.loads((run_dir / stage.summary).read_text())
+        if first_run["kl_per_token"]["last"] is not None:
+            want = json.loads((reference / stage.summary).read_text())["kl_per_token"]["last"]
+            if first_run["kl_per_token"]["last"] != want:
+                problems.append(f"last KL {first_run['kl_per_token']['last']} != {want}")
+    return problems
+
+
+def plan_kills(stage: Stage, rng: random.Random, reference_seconds: float, max_kills: int) -> list[str]:
+    """1..max_kills kills: half at a named point of a write (a seeded site and hit), half at a seeded time."""
+    kills = []
+    for _ in range(rng.randint(1, max_kills)):
+        if rng.random() < 0.5:
+            site = rng.choice(sorted(stage.sites))
+            kills.append(f"{site}:{rng.randint(1, stage.sites[site])}")
+        else:
+            kills.append(f"time:{rng.uniform(0.5, reference_seconds):.2f}")
+    return kills
+
+
+def run_trial(stage: Stage, reference: Path, workdir: Path, kills: list[str]) -> dict:
+    """Kill the stage as `kills` says, check the directory after each kill, resume to the end, compare."""
+    run_dir = workdir / "run"
+    log = workdir / "launches.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    launches, problems = [], []
+    for kill in kills:
+        done = launch(stage, run_dir, log, kill)
+        launches.append(done)
+        if not done.killed and done.returncode != 0:
+            problems.append(f"launch with kill {kill} exited {done.returncode}; see {log}")
+            break
+        try:
+            check_resumable(stage, run_dir)
+        except Exception as err:  # noqa: BLE001 - any refusal is the finding to report
+            problems.append(f"after kill {kill}: {err}")
+            break
+    if not problems:
+        final = launch(stage, run_dir, log)
+        launches.append(final)
+        if final.returncode != 0:
+            problems.append(f"the resumed run exited {final.returncode}; see {log}")
+        else:
+            problems += compare(stage, reference, run_dir)
+            damaged = (json.loads((run_dir / stage.summary).read_text()).get("resumed") or {}).get("damaged_skipped")
+            if damaged:
+                problems.append(f"resume skipped damaged checkpoints: {damaged}")
+    return {"stage": stage.name, "kills": kills, "injected": sum(la.killed for la in launches),
+            "launches": [dataclasses.asdict(la) for la in launches], "problems": problems}
+
+
+def reference_run(stage: Stage, workdir: Path) -> tuple[Path, float]:
+    """The uninterrupted run: its directory and wall time."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = workdir / "run"
+    if (run_dir / stage.summary).is_file():
+        return run_dir, 0.0
+    done = launch(stage, run_dir, workdir / "launches.log")
+    assert done.returncode == 0, f"{stage.name}: the reference run exited {done.returncode}; see {workdir}"
+    return run_dir, done.seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A campaign
+
+
+def campaign(out: Path, names: list[str], trials: int, seed: int, max_kills: int) -> dict:
+    inputs = build_inputs(out / "inputs")
+    results = {"seed": seed, "trials_per_stage": trials, "max_kills": max_kills, "stages": {}}
+    distill_reference = None
+    for name in names:
+        stage = stages(inputs, distill_reference)[name]
+        reference, seconds = reference_run(stage, out / name / "reference")
+        if name == "distill":
+            distill_reference = reference
+        rng = random.Random(f"{seed}:{name}")
+        trials_done = []
+        for trial in range(trials):
+            kills = plan_kills(stage, rng, max(seconds, 5.0), max_kills)
+            result = run_trial(stage, reference, out / name / f"trial_{trial}", kills)
+            trials_done.append(result)
+            print(json.dumps(result), flush=True)
+            if not result["problems"]:
+                shutil.rmtree(out / name / f"trial_{trial}")
+        results["stages"][name] = {
+            "reference_seconds": seconds, "trials": len(trials_done),
+            "faults_injected": sum(t["injected"] for t in trials_done),
+            "kills_landed": sorted({k.split(":")[0] for t in trials_done for k, la in zip(t["kills"], t["launches"])
+                                    if la["killed"]}),
+            "survived": sum(not t["problems"] for t in trials_done),
+            "failed": [t for t in trials_done if t["problems"]],
+        }
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=int(os.environ.get(TRIALS_ENV, "3")), help="trials per stage")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--max-kills", type=int, default=3, help="kills per trial before the run may finish")
+    parser.add_argument("--stages", default="teacher,gate_search,distill,long_context")
+    parser.add_argument("--out", type=Path, required=True, help="work directory (trials that pass are deleted)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    results = campaign(args.out, args.stages.split(","), args.trials, args.seed, args.max_kills)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    for name, r in results["stages"].items():
+        print(f"{name}: {r['trials']} trials, {r['faults_injected']} kills, {r['survived']} survived; "
+              f"kills landed at: {', '.join(r['kills_landed'])}")
+    print(f"wall time {results['wall_seconds']} s")
+    return 0 if all(not r["failed"] for r in results["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
