@@ -173,8 +173,8 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
         fsync_dir(Path(dirpath))
     fault_point("manifest")
 
+    aside = root / f"{_REPLACED_PREFIX}{final.name}"
     if final.exists():
-        aside = root / f"{_REPLACED_PREFIX}{final.name}"
         if aside.exists():
             shutil.rmtree(aside)  # left by a crash during an earlier replace of this same directory
         logger.warning("replacing existing checkpoint %s", final)
@@ -182,11 +182,12 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
         fault_point("replace")
         os.rename(staging, final)
         fsync_dir(root)
-        shutil.rmtree(aside)
     else:
         os.rename(staging, final)
     fsync_dir(root)
     fault_point("sealed")
+    if aside.exists():  # the copy moved aside, or the one a crash between the two renames left: final was then
+        shutil.rmtree(aside)  # absent, so the run resumed from an earlier step and sealed this one again
     logger.info("saved checkpoint %s (%d files, %d bytes)", final, len(rel_paths), sum(s for s, _ in results))
     return final
 
@@ -296,11 +297,11 @@ def prune(checkpoints_root: str | os.PathLike, keep_last: int, allow_extra: Iter
         except CheckpointError:
             continue
         complete.append(ckpt)
+    for doomed in root.glob(f"{_DELETING_PREFIX}step_*"):  # deletions a crash interrupted (only prune makes these)
+        shutil.rmtree(doomed)
     deleted = []
     for ckpt in complete[:-keep_last]:
         doomed = root / f"{_DELETING_PREFIX}{ckpt.name}"
-        if doomed.exists():
-            shutil.rmtree(doomed)
         os.rename(ckpt, doomed)
         fsync_dir(root)
         fault_point("prune")
