@@ -227,8 +227,9 @@ def plan_kills(stage: Stage, rng: random.Random, reference_seconds: float, max_k
     return kills
 
 
-def run_trial(stage: Stage, reference: Path, workdir: Path, kills: list[str]) -> dict:
-    """Kill the stage as `kills` says, check the directory after each kill, resume to the end, compare."""
+def run_trial(stage: Stage, reference, workdir: Path, kills: list[str]) -> dict:
+    """Kill the stage as `kills` says, check the directory after each kill, resume to the end, compare with
+    `reference` (the uninterrupted run dir, or a future of `reference_run` that runs meanwhile)."""
     run_dir = workdir / "run"
     log = workdir / "launches.log"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -250,6 +251,7 @@ def run_trial(stage: Stage, reference: Path, workdir: Path, kills: list[str]) ->
         if final.returncode != 0:
             problems.append(f"the resumed run exited {final.returncode}; see {log}")
         else:
+            reference = reference if isinstance(reference, Path) else reference.result()[0]
             problems += compare(stage, reference, run_dir)
             damaged = (json.loads((run_dir / stage.summary).read_text()).get("resumed") or {}).get("damaged_skipped")
             if damaged:
