@@ -167,14 +167,19 @@ def check_resumable(stage: Stage, run_dir: Path) -> None:
         verify(ckpt, deep=True)  # a SIGKILL must never leave a damaged step_N: sealing is a rename
 
 
+PROVENANCE = "versions.json"  # package versions and the checkout's git commit: describe the code, not the result
+
+
 def _canonical(name: str, data: bytes, run_dir: Path):
-    """Bytes, except JSON: parsed, with the run directory's own path as a placeholder, and peft's target_modules
-    (a set, saved in hash order, which differs from process to process) sorted."""
+    """Bytes, except JSON: parsed, with the run directory's own path as a placeholder, peft's target_modules (a set,
+    saved in hash order, which differs from process to process) sorted, and a manifest's provenance entry dropped."""
     if not name.endswith(".json"):
         return data
     parsed = json.loads(data.decode().replace(str(run_dir), "<run_dir>"))
     if isinstance(parsed, dict) and isinstance(parsed.get("target_modules"), list):
         parsed["target_modules"] = sorted(parsed["target_modules"])
+    if name == "manifest.json":
+        parsed["files"] = [f for f in parsed["files"] if f["path"] != PROVENANCE]
     return parsed
 
 
@@ -184,7 +189,7 @@ def outputs(stage: Stage, run_dir: Path) -> dict:
     for rel in stage.outputs:
         path = run_dir / rel
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
+        for file in (f for f in files if f.name != PROVENANCE):
             found[file.relative_to(run_dir).as_posix()] = (_canonical(file.name, file.read_bytes(), run_dir)
                                                            if file.is_file() else "<missing>")
     return found
