@@ -72,8 +72,10 @@ def stages(inputs: dict[str, Path], distill_run: Path | None = None) -> dict[str
     """The tiniest settings that still save several checkpoints and prune some; `distill_run` (a finished distill
     run) enables long_context, which continues from it."""
     skip = ("resumed", "train_seconds", "skipped_nonfinite_steps")
-    ckpt_sites = lambda saves, pruned, files: {**{s: saves for s in CHECKPOINT_SITES[:4]}, "prune": pruned,  # noqa: E731
-                                               "file_tmp": files, "file_renamed": files}
+
+    def ckpt_sites(saves: int, pruned: int, files: int) -> dict[str, int]:
+        return {**{site: saves for site in CHECKPOINT_SITES}, "prune": pruned, **{site: files for site in FILE_SITES}}
+
     gate = inputs["gate_model"]
     model = inputs["distill_model"]
     distill_common = (f"model.path={model}", f"student.layout={model / 'hybrid.json'}", "distill.micro_batch_size=2",
@@ -89,7 +91,7 @@ def stages(inputs: dict[str, Path], distill_run: Path | None = None) -> dict[str
              "teacher.advance_accuracy=1.0", "teacher.max_steps_per_stage=4", "teacher.require_complete=false"),
             "out_dir", ("model.safetensors", "config.json"), "teacher_report.json", skip, resume_flag=(),
             # 4 saves of 3 files each (model, optimizer, progress), then the report; keep_last=1 prunes 3
-            sites={**ckpt_sites(4, 3, 13)}),
+            sites=ckpt_sites(4, 3, 13)),
         "gate_search": Stage(
             "gate_search", "gate_search.py", "embedded.yaml",
             (f"model.path={gate}", "search.steps=4", "search.save_every=1", "search.keep_last=2",
