@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -171,6 +172,8 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
         fault_point("file_renamed")
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed earlier write's temp
+            stale.unlink(missing_ok=True)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()

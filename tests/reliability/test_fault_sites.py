@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flashmorph.checkpoint.atomic import latest_complete, list_checkpoints, verify
-from flashmorph.io.atomic import FAULT_SITES, _parse_fault
+from flashmorph.io.atomic import FAULT_SITES, _parse_fault, atomic_write_text
 from save_step import save
 
 SAVER = Path(__file__).with_name("save_step.py")
@@ -71,3 +71,18 @@ def test_a_site_not_reached_n_times_does_not_kill(tmp_path):
     done = _kill_at("sealed:2", tmp_path, 1)  # one save passes `sealed` once
     assert done.returncode == 0, done.stderr[-2000:]
     verify(tmp_path / "step_1")
+
+
+def test_a_single_file_write_killed_before_its_rename_leaves_the_old_file_and_the_next_write_removes_its_temp(
+        tmp_path):
+    target = tmp_path / "adapter_model.safetensors"
+    target.write_text("old")
+    code = "import sys; from flashmorph.io.atomic import atomic_write_text; atomic_write_text(sys.argv[1], 'new')"
+    env = {**os.environ, "FLASHMORPH_FAULT_KILL_AT": "file_tmp:1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 2  # the target and the killed temp
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name], "the killed write's temp file is left"
