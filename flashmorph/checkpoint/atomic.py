@@ -30,6 +30,7 @@ from typing import Any
 from flashmorph import __version__
 from flashmorph.errors import CheckpointError, ConfigError
 from flashmorph.io.atomic import (
+    fault_point,
     fsync_dir,
     hash_and_fsync,
     is_storage_error,
@@ -94,6 +95,7 @@ def prepare_staging(checkpoints_root: str | os.PathLike, step: int) -> Path:
                                 "earlier checkpoints are intact") from e
         raise
     fsync_dir(staging.parent)
+    fault_point("staging")
     return staging
 
 
@@ -146,6 +148,7 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
         raise CheckpointError(f"staging dir {staging} is empty; no rank wrote {what}")
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         results = list(pool.map(lambda rel: hash_and_fsync(staging / rel), rel_paths))
+    fault_point("sealing")
     manifest = {
         "format": MANIFEST_FORMAT,
         "step": step,
@@ -168,19 +171,23 @@ def seal_directory(staging: str | os.PathLike, final: str | os.PathLike, extra_m
                             f"{final.name} was not written; earlier checkpoints are intact") from e
     for dirpath, _dirnames, _filenames in os.walk(staging, topdown=False):
         fsync_dir(Path(dirpath))
+    fault_point("manifest")
 
+    aside = root / f"{_REPLACED_PREFIX}{final.name}"
     if final.exists():
-        aside = root / f"{_REPLACED_PREFIX}{final.name}"
         if aside.exists():
             shutil.rmtree(aside)  # left by a crash during an earlier replace of this same directory
         logger.warning("replacing existing checkpoint %s", final)
         os.rename(final, aside)
+        fault_point("replace")
         os.rename(staging, final)
         fsync_dir(root)
-        shutil.rmtree(aside)
     else:
         os.rename(staging, final)
     fsync_dir(root)
+    fault_point("sealed")
+    if aside.exists():  # the copy moved aside, or the one a crash between the two renames left: final was then
+        shutil.rmtree(aside)  # absent, so the run resumed from an earlier step and sealed this one again
     logger.info("saved checkpoint %s (%d files, %d bytes)", final, len(rel_paths), sum(s for s, _ in results))
     return final
 
@@ -290,13 +297,14 @@ def prune(checkpoints_root: str | os.PathLike, keep_last: int, allow_extra: Iter
         except CheckpointError:
             continue
         complete.append(ckpt)
+    for doomed in root.glob(f"{_DELETING_PREFIX}step_*"):  # deletions a crash interrupted (only prune makes these)
+        shutil.rmtree(doomed)
     deleted = []
     for ckpt in complete[:-keep_last]:
         doomed = root / f"{_DELETING_PREFIX}{ckpt.name}"
-        if doomed.exists():
-            shutil.rmtree(doomed)
         os.rename(ckpt, doomed)
         fsync_dir(root)
+        fault_point("prune")
         shutil.rmtree(doomed)
         deleted.append(ckpt)
         logger.info("pruned checkpoint %s", ckpt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -25,6 +26,48 @@ _HASH_CHUNK = 8 << 20
 # errnos that mean "this filesystem will not take the write": reported as one CheckpointError, never a traceback
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _STORAGE_FIX = "free space there, fix its permissions, or point run.run_dir at another filesystem"
+
+# ----------------------------------------------------------------------------------------------------------
+# Crash testing (tests/reliability): FLASHMORPH_FAULT_KILL_AT=<site>:<n> SIGKILLs this process the n-th time it
+# passes `site`, so a test can die exactly between two steps of a save, which a timed kill rarely hits.
+# Read once at import; unset (always, outside tests) each site costs one comparison.
+
+FAULT_ENV = "FLASHMORPH_FAULT_KILL_AT"
+FAULT_SITES = (
+    "file_tmp",      # a single file written to its temp name, not yet renamed over the target
+    "file_renamed",  # ... renamed over the target, its directory not yet fsynced
+    "staging",       # a checkpoint's empty staging dir created, no rank has written into it
+    "sealing",       # every file of the staging dir written and hashed, manifest.json not yet written
+    "manifest",      # manifest.json written, the staging dir not yet renamed to step_N
+    "replace",       # an existing step_N moved aside, the new one not yet renamed in
+    "sealed",        # step_N renamed into place, older checkpoints not yet pruned
+    "prune",         # an old checkpoint renamed to .del-step_N, not yet deleted
+)
+
+
+def _parse_fault(value: str | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    site, _, count = value.partition(":")
+    if site not in FAULT_SITES or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected <site>:<n> with n >= 1 and site one of {FAULT_SITES}")
+    return site, int(count)
+
+
+_FAULT = _parse_fault(os.environ.get(FAULT_ENV))
+_fault_hits = 0
+
+
+def fault_point(site: str) -> None:
+    """SIGKILL this process at the n-th pass of `site` when FLASHMORPH_FAULT_KILL_AT=<site>:<n> (crash tests)."""
+    global _fault_hits
+    if _FAULT is None or _FAULT[0] != site:
+        return
+    _fault_hits += 1
+    if _fault_hits == _FAULT[1]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 # ----------------------------------------------------------------------------------------------------------
 # Storage failures
@@ -119,6 +162,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        fault_point("file_tmp")
         # mkstemp creates 0600 (and writers may recreate the file): keep the old file's mode, else 0644
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
         fd = os.open(tmp, os.O_RDONLY)
@@ -127,6 +171,9 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        fault_point("file_renamed")
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed earlier write's temp
+            stale.unlink(missing_ok=True)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
