@@ -1,5 +1,7 @@
 """LoRA adapters (peft) on a hybrid student, their files, and merging them into plain weights for export."""
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ from flashmorph.errors import CheckpointError
 from flashmorph.io import atomic as io_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # the name peft's save_pretrained / from_pretrained use
 
 
 def add_lora(lm: nn.Module, *, rank: int, alpha: float, targets: list[str], layers: list[int] | None,
@@ -34,10 +37,17 @@ def adapter_state(peft_model: nn.Module, full_state: dict[str, torch.Tensor]) ->
 
 
 def save_adapter(peft_model: nn.Module, full_state: dict[str, torch.Tensor], out_dir: Path) -> None:
-    """adapter_model.safetensors + adapter_config.json, each written atomically."""
+    """adapter_model.safetensors + adapter_config.json, each written atomically. The config is peft's own
+    serialization with `target_modules` sorted: peft keeps them as a set and writes them in hash order, so the same
+    run gave different bytes in every process, and its in-place write could be cut by a kill."""
     tensors = {k: v.contiguous() for k, v in adapter_state(peft_model, full_state).items()}
     io_atomic.atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    peft_model.peft_config["default"].save_pretrained(str(out_dir))
+    with tempfile.TemporaryDirectory() as scratch:
+        peft_model.peft_config["default"].save_pretrained(scratch)
+        config = json.loads((Path(scratch) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    io_atomic.atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(peft_model: nn.Module, adapter_dir: Path, tensor_parallel: bool = False) -> None:

@@ -173,13 +173,11 @@ PROVENANCE = "versions.json"  # package versions and the checkout's git commit: 
 
 
 def _canonical(name: str, data: bytes, run_dir: Path):
-    """Bytes, except JSON: parsed, with the run directory's own path as a placeholder, peft's target_modules (a set,
-    saved in hash order, which differs from process to process) sorted, and a manifest's provenance entry dropped."""
+    """Bytes, except JSON: parsed, with the run directory's own path as a placeholder and a manifest's provenance
+    entry dropped."""
     if not name.endswith(".json"):
         return data
     parsed = json.loads(data.decode().replace(str(run_dir), "<run_dir>"))
-    if isinstance(parsed, dict) and isinstance(parsed.get("target_modules"), list):
-        parsed["target_modules"] = sorted(parsed["target_modules"])
     if name == "manifest.json":
         parsed["files"] = [f for f in parsed["files"] if f["path"] != PROVENANCE]
     return parsed
