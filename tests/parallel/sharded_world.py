@@ -40,6 +40,15 @@ def scaled_70b_config(layers: int = 2):
                        intermediate_size=3584)
 
 
+def mini_70b_config():
+    """Llama-3-70B's head structure at CI size: 64 query and 8 kv heads, MLP/hidden 3.5 and vocab/hidden 15.66
+    kept; head_dim 128 -> 4 (hidden 256), intermediate 896, vocab 4008, 80 layers -> 2."""
+    from flashmorph.model.tiny import tiny_config
+
+    return tiny_config("llama", num_layers=2, hidden_size=256, num_heads=64, num_kv_heads=8, vocab_size=4008,
+                       intermediate_size=896)
+
+
 def batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(BATCH_SEED))
 
@@ -78,14 +87,16 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def _train_step(lm, ids: torch.Tensor) -> float:
-    """Forward, backward and one AdamW step on every parameter; the loss before the step."""
+def _train_step(lm, ids: torch.Tensor) -> tuple[float, float]:
+    """Forward, backward and one AdamW step on every parameter; the loss before and after the step."""
     lm.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3)
     loss = lm(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     optimizer.step()
-    return loss.item()
+    with torch.no_grad():
+        after = lm(input_ids=ids, labels=ids, use_cache=False).loss
+    return loss.item(), after.item()
 
 
 def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor, train: bool = False) -> dict:
@@ -109,6 +120,7 @@ def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor, t
         params = list(lm.parameters())
         attn = lm.model.layers[0].self_attn
         out = {"peak_bytes": rss.increase, "param_bytes": sum(p.numel() * p.element_size() for p in params),
+               "projection_params": sum(p.numel() for n, p in lm.model.layers.named_parameters() if "_proj." in n),
                "logits": logits, "hybrid_logits": hybrid_logits, "loss": loss, "q_rows": attn.q_proj.weight.shape[0],
                "on_meta": [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta],
                "tp_tagged": getattr(attn.o_proj.weight, "tensor_model_parallel", None),
@@ -123,12 +135,17 @@ def _load_and_run(model_dir: str, tp: int, world_size: int, ids: torch.Tensor, t
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def sharded_ranks(info, model_dir: str, vocab_size: int, train: bool = False) -> dict:
-    """Every TP degree of TP_DEGREES on this world, one after the other; {tp: this rank's result}."""
+def sharded_ranks(info, model_dir: str, vocab_size: int, train: bool = False, mini_70b_dir: str | None = None) -> dict:
+    """Every TP degree of TP_DEGREES on this world, one after the other; {tp: this rank's result}. With
+    `mini_70b_dir` (mini_70b_config's weights), also {"mini_70b": {tp: result}}: load + training step at TP=4 and 1."""
     ids = batch(vocab_size)
     # one unmeasured round first: lazy imports, megatron's and gloo's first-call buffers are not the load's memory
     _load_and_run(model_dir, TP_DEGREES[0], info.world_size, ids, train)
-    return {tp: _load_and_run(model_dir, tp, info.world_size, ids, train) for tp in TP_DEGREES}
+    out = {tp: _load_and_run(model_dir, tp, info.world_size, ids, train) for tp in TP_DEGREES}
+    if mini_70b_dir is not None:
+        mini_ids = batch(mini_70b_config().vocab_size)
+        out["mini_70b"] = {tp: _load_and_run(mini_70b_dir, tp, info.world_size, mini_ids, train=True) for tp in (4, 1)}
+    return out
 
 
 def write_model(model_dir: Path, config) -> int:
@@ -164,7 +181,7 @@ def main(argv=None) -> int:
         peaks = [out[tp]["peak_bytes"] / 2**20 for out in ranks]
         loss = ranks[0][tp]["loss"]
         print(f"TP={tp}: parameters per rank {ranks[0][tp]['param_bytes'] / 2**20:.1f} MiB, peak RSS increase per "
-              f"rank ({what}) {min(peaks):.1f}-{max(peaks):.1f} MiB" + (f", loss {loss:.6f}" if loss else ""))
+              f"rank ({what}) {min(peaks):.1f}-{max(peaks):.1f} MiB" + (f", loss {loss[0]:.6f}" if loss else ""))
     return 0
 
 

@@ -6,7 +6,7 @@ the replicated embedding, lm_head and norms) plus one tensor in flight."""
 import pytest
 import torch
 from helpers.multiproc import run_distributed
-from sharded_world import HYBRID, TP_DEGREES, batch, model_config, sharded_ranks, write_model
+from sharded_world import HYBRID, TP_DEGREES, batch, mini_70b_config, model_config, sharded_ranks, write_model
 
 from flashmorph.model.hybrid import apply_hybrid_layout
 from flashmorph.model.load import load_causal_lm
@@ -25,7 +25,10 @@ def world(tmp_path_factory):
     with torch.no_grad():
         logits = reference(input_ids=batch(VOCAB), use_cache=False).logits
         hybrid_logits = apply_hybrid_layout(reference, HYBRID)(input_ids=batch(VOCAB), use_cache=False).logits
-    return {"ranks": run_distributed(sharded_ranks, 4, str(model_dir), VOCAB), "total_bytes": total,
+    mini_dir = tmp_path_factory.mktemp("mini_70b")
+    write_model(mini_dir, mini_70b_config())
+    return {"ranks": run_distributed(sharded_ranks, 4, str(model_dir), VOCAB, False, str(mini_dir)),
+            "total_bytes": total,
             "ref_logits": logits, "ref_hybrid_logits": hybrid_logits,
             "ref_inv_freq": reference.model.rotary_emb.inv_freq}
 
@@ -86,3 +89,19 @@ def test_materialize_in_one_process_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="gives TP rank 0 of 2 a \\[32, 64\\] piece, the model holds"):
         materialize_from_safetensors(build_empty_causal_lm(config, torch.float32), tmp_path / "qwen3", tp=2,
                                      tp_rank=0)
+
+
+def test_a_70b_shaped_model_loads_sharded_and_trains_under_tp4_like_one_process(world):
+    """Llama-3-70B's 64 query / 8 kv heads (at head_dim 4, 2 layers): built on meta, each rank reads its slices,
+    then forward, backward and an AdamW step on every weight; a rank holds 1/TP of the decoder projections."""
+    shape = ModelShape.from_config(mini_70b_config())
+    assert (shape.num_heads, shape.num_kv_heads) == (64, 8)
+    for rank, out in enumerate(world["ranks"]):
+        tp4, tp1 = out["mini_70b"][4], out["mini_70b"][1]
+        assert tp4["on_meta"] == [] and tp4["q_rows"] == 64 * 4 // 4, rank  # 16 of 64 heads, head_dim 4
+        assert tp4["projection_params"] * 4 == tp1["projection_params"], rank
+        assert tp4["param_bytes"] == rank_params(shape, 4).per_tp_rank * 4, rank
+        before4, after4 = tp4["loss"]
+        before1, after1 = tp1["loss"]
+        assert after1 < before1  # the step trained, so equal losses after it test the TP=4 gradients
+        assert abs(before4 - before1) < 1e-5 and abs(after4 - after1) < 1e-5, (rank, tp4["loss"], tp1["loss"])
