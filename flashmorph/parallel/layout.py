@@ -16,7 +16,6 @@ class DegreeNames:
     tensor: str = "parallel.tensor_parallel"
     sequence: str = "parallel.sequence_parallel"
     world: str = "world_size"
-    trainable: str = "distill.trainable"
 
 
 RECIPE_NAMES = DegreeNames()
@@ -121,10 +120,3 @@ def check_layout(layout: ParallelLayout, shape: ModelShape, seq_len: int | None 
     if seq_len is not None:
         check_seq_len(sp, seq_len, names)
 
-
-def check_trainable(layout: ParallelLayout, trainable: str, names: DegreeNames = RECIPE_NAMES) -> None:
-    """LoRA adapters (peft) wrap plain nn.Linear layers, not megatron's parallel ones: no LoRA under TP."""
-    if trainable == "lora" and layout.tensor > 1:
-        raise ConfigError(f"{names.trainable}=lora with {names.tensor}={layout.tensor}: peft adapters do not wrap "
-                          f"megatron's parallel layers; use {names.trainable}=linear or full with TP, or "
-                          f"{names.tensor}=1 with LoRA")
