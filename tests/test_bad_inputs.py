@@ -402,7 +402,7 @@ PARALLEL_CASES = [
     (2, "parallel.sequence_parallel=4", "world_size=2 is not divisible by parallel.tensor_parallel=1 x parallel.sequence_parallel=4 = 4; launch a multiple of 4 ranks"),
     (4, "parallel.layouts={4: {tensor_parallel: 8}}", "launch a multiple of 8 ranks"),
     (4, "parallel.layouts={4: {tensor_parallel: 2, sequence_parallel: 4}}", "= 8; launch a multiple of 8 ranks"),
-    (6, "parallel.tensor_parallel=2", "distill.trainable=lora with parallel.tensor_parallel=2"),
+    (4, "parallel.tensor_parallel=4", "parallel.tensor_parallel=4 exceeds the model's num_kv_heads=2"),
     (4, "parallel.tensor_parallel=0", "parallel.tensor_parallel=0 must be an int >= 1"),
 ]
 

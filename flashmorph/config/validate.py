@@ -11,7 +11,7 @@ from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.hf_dir import validate_model_dir
 from flashmorph.model.layout import read_layout
 from flashmorph.model.shape import ModelShape
-from flashmorph.parallel.layout import check_layout, layout_from_config
+from flashmorph.parallel.layout import check_gate_granularity, check_layout, layout_from_config
 from flashmorph.run_dir import RunDir
 
 
@@ -78,9 +78,7 @@ def validate_recipe(recipe: GateSearchRecipe, world_size: int = 1) -> ModelShape
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0 (0 turns it off)")
     parallel.validate_deepspeed()
     layout = layout_from_config(parallel, world_size)
-    if recipe.morph.gate_granularity == "head" and layout.tensor > 1:
-        raise ConfigError(f"morph.gate_granularity=head with parallel.tensor_parallel={layout.tensor}: each TP rank "
-                          "holds a slice of the heads; use gate_granularity=layer or tensor_parallel=1")
+    check_gate_granularity(layout, recipe.morph.gate_granularity)
     check_layout(layout, shape, recipe.data.seq_len)
     if model.path is None:
         validate_teacher(recipe.teacher)

@@ -120,3 +120,10 @@ def check_layout(layout: ParallelLayout, shape: ModelShape, seq_len: int | None 
     if seq_len is not None:
         check_seq_len(sp, seq_len, names)
 
+
+def check_gate_granularity(layout: ParallelLayout, granularity: str, names: DegreeNames = RECIPE_NAMES) -> None:
+    """Per-head gates mix whole query heads, and TP gives each rank a slice of them: per-layer gates only under TP."""
+    if granularity == "head" and layout.tensor > 1:
+        raise ConfigError(f"morph.gate_granularity=head cannot run with {names.tensor}={layout.tensor} (each TP rank "
+                          f"holds a slice of the heads); use morph.gate_granularity=layer or {names.tensor}=1")
+

@@ -129,7 +129,6 @@ def test_resume_continues_exactly(model_dir, tmp_path):
 @pytest.mark.parametrize("extra, world, message", [
     (["parallel.tensor_parallel=2"], 3, "tensor_parallel"),
     (["parallel.sequence_parallel=3"], 3, "sequence_parallel"),
-    (["parallel.tensor_parallel=2"], 2, "trainable=lora"),
     (["distill.trainable=adapters"], 1, "distill.trainable"),
     (["student.layout=null"], 1, "student.layout"),
 ])
