@@ -306,21 +306,34 @@ def parse_reference(text: str) -> dict[int, float]:
 
 
 def run_gate(args, world: World, report: Report) -> list[str]:
-    from flashmorph.config import ParallelConfig, num_full_layers
-    from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
+    from flashmorph.config import ParallelConfig
     from flashmorph.model.config import MorphConfig
-    from flashmorph.parallel import zero
-    from flashmorph.stages.gate_search import (GateSearchStep, build_gate_engine, gate_search_ds_config,
-                                               gate_search_loss)
+    from flashmorph.parallel.layout import resolve_layout
+    from flashmorph.parallel.mesh import destroy_mesh, init_mesh
+    from flashmorph.stages.gate_search import build_gate_engine, gate_search_ds_config
 
-    device, deadline = world.device, world.deadline
     started = time.perf_counter()
     # the stage's config and engine: one sample per rank per step, ZeRO-3 over every rank, gate-only AdamW
     search = dataclasses.replace(SEARCH, micro_batch_size=1, grad_accum_steps=1)
     ds_config = gate_search_ds_config(search, ParallelConfig(zero_stage=3), dtype_name(world.dtype), world.size)
     lm = build_model(args.gate_shape, world, args.seed, zero_ds_config=ds_config)
     enable_activation_checkpointing(lm)
-    model, engine = build_gate_engine(lm, MorphConfig(), ds_config, args.seed)
+    mesh = init_mesh(resolve_layout(1, 1, world.size))  # data parallel only: every rank a DP replica
+    try:
+        return _run_gate(args, world, report, search, lm, mesh, started,
+                         build_gate_engine(lm, MorphConfig(), ds_config, args.seed, mesh, search.micro_batch_size))
+    finally:
+        destroy_mesh()
+
+
+def _run_gate(args, world: World, report: Report, search, lm, mesh, started, built) -> list[str]:
+    from flashmorph.config import num_full_layers
+    from flashmorph.data import DataConfig, RetrievalDataset, TokenSpace
+    from flashmorph.parallel import zero
+    from flashmorph.stages.gate_search import GateSearchStep, gate_search_loss
+
+    device, deadline = world.device, world.deadline
+    model, engine = built
     build_s = time.perf_counter() - started
     persistent = world.gather(allocated(device))
     report.row(kind="build", build_s=build_s, allocated_after_build_bytes_per_rank=persistent)
@@ -337,20 +350,19 @@ def run_gate(args, world: World, report: Report) -> list[str]:
         report.set("in_progress", f"gate search at {format_length(length)}")
         data = DataConfig(tasks={"mqar": 1.0}, seq_len=length, num_pairs=8 if length < 512 else 64, seed=args.seed)
         dataset = RetrievalDataset(data, TokenSpace.synthetic(config.vocab_size), split="bench")
-        step_fn = GateSearchStep(engine, model, dataset, search, world.info, budget_fraction)
+        step_fn = GateSearchStep(engine, model, dataset, search, world.info, budget_fraction, mesh)
         times, gates, ces, answer_tokens, grad_checks = [], [], [], 0, []
         for step in range(args.warmup + args.gate_steps):
             if step > args.warmup and not world.decide(deadline.left() > 2 * max(times[-1:] or [0.0])):
                 break  # keep what was measured: another step would pass the time limit
             (batch,) = step_fn.micro_batches(step)  # the stage's samples and answer-token scale for this rank
-            answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+            answer_tokens = int((batch["shift_labels"] != -100).sum())
 
             def loss_of(out):  # the stage's loss on this rank
                 return gate_search_loss(out, step_fn.ce_scale, step_fn.lam, search, budget_fraction)[0]
 
             if step == 0:  # what one process would compute on the step's samples: see single_process_gate_grad
-                ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-                grad_single = single_process_gate_grad(model, ids, labels, loss_of, world)
+                grad_single = single_process_gate_grad(model, batch, loss_of, world)
 
             def gate_step():
                 loss, _ = step_fn.micro_step(batch)
@@ -426,7 +438,7 @@ def run_gate(args, world: World, report: Report) -> list[str]:
             "peaks: torch.cuda.max_memory_allocated over the timed steps, weights included"]
 
 
-def single_process_gate_grad(model, ids, labels, loss_of, world: World) -> torch.Tensor:
+def single_process_gate_grad(model, batch: dict, loss_of, world: World) -> torch.Tensor:
     """The gradient of the stage's loss w.r.t. the gate logits that one process would get on every rank's sample:
     each rank differentiates its own loss outside DeepSpeed (the gates enter as an input, `gate_values`, so ZeRO's
     gradient hooks never fire), and the per-rank gradients are averaged as data parallelism must average them."""
@@ -435,7 +447,8 @@ def single_process_gate_grad(model, ids, labels, loss_of, world: World) -> torch
     param = model.gates.gate_logits
     with zero.gathered([param]):
         logits = param.detach().clone().requires_grad_(True)
-    out = model(ids, labels=labels, gate_values=torch.sigmoid(logits.float()))
+    out = model(batch["input_ids"], position_ids=batch["position_ids"], shift_labels=batch["shift_labels"],
+                gate_values=torch.sigmoid(logits.float()))
     (grad,) = torch.autograd.grad(loss_of(out), logits)
     return world.sum(grad.float()) / world.size
 

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.shape import ModelShape
-from flashmorph.parallel.layout import DegreeNames, check_layout, check_trainable, resolve_layout
+from flashmorph.parallel.layout import DegreeNames, check_layout, resolve_layout
 
 GIB = 1024**3
 FP32 = 4  # bytes of every fp32 tensor (optimizer state, master weights, upcast norms/softmax)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TRAINABLE_SETS = ("gates", "lora", "linear", "full")
 ZERO_STAGES = (0, 1, 2, 3)
-ESTIMATE_NAMES = DegreeNames(tensor="tensor_parallel", sequence="sequence_parallel", world="gpus", trainable="trainable")
+ESTIMATE_NAMES = DegreeNames(tensor="tensor_parallel", sequence="sequence_parallel", world="gpus")
 
 # DeepSpeed defaults (deepspeed/runtime/zero/config.py, 0.19): read from its source, not guessed.
 DS_PREFETCH_BUCKET_ELEMS = 5e7  # stage3_prefetch_bucket_size (flashmorph.parallel.zero sets the same value)
@@ -148,7 +148,6 @@ def validate(shape: ModelShape, setup: EstimateSetup) -> None:
     check_choice("trainable", setup.trainable, TRAINABLE_SETS)
     if setup.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"zero_stage={setup.zero_stage!r} must be one of 0, 1, 2, 3")
-    check_trainable(layout, setup.trainable, ESTIMATE_NAMES)
     if setup.trainable == "lora":
         if not isinstance(setup.lora_rank, int) or setup.lora_rank < 1:
             raise ConfigError(f"lora_rank={setup.lora_rank!r} must be a positive integer")

@@ -334,10 +334,6 @@ GATE_OVERRIDE_CASES = [
     ("data.haystack=foo", "data.haystack='foo' is unknown; use one of"),
     ("data.tasks={bogus: 1.0}", "data.tasks has unknown task 'bogus'; use any of"),
     ("parallel.zero_stage=5", "parallel.zero_stage=5 must be 0, 1, 2 or 3"),
-    ("parallel.sequence_parallel=3", "parallel.sequence_parallel=3 does not divide the model's num_heads=4 "
-                                     "(4 attention heads per TP rank); choose degrees whose product divides 4"),
-    ("parallel.tensor_parallel=3", "parallel.tensor_parallel=3 does not divide the model's num_heads=4 "
-                                   "(attention heads); use a divisor of 4"),
     ("parallel.deepspeed_config=/missing.json", "parallel.deepspeed_config=/missing.json does not exist"),
     ("run.seed=abc", "run.seed='abc' must be int"),
     ("search.steps", "--override 'search.steps' must look like section.field=value"),
@@ -348,6 +344,27 @@ GATE_OVERRIDE_CASES = [
 
 @pytest.mark.parametrize(("override", "message"), GATE_OVERRIDE_CASES, ids=[c[0] for c in GATE_OVERRIDE_CASES])
 def test_gate_search_refuses_a_bad_recipe_value(override, message, good_dir, tmp_path, capsys):
+    code = _gate_search(capsys, good_dir, tmp_path / "run", override)
+    _refused(capsys, code, message)
+    assert not (tmp_path / "run").exists()
+
+
+# (world size the launcher was given, override, message): gate search checks its layout like distillation
+GATE_PARALLEL_CASES = [
+    (3, "parallel.sequence_parallel=3", "parallel.sequence_parallel=3 does not divide the model's num_heads=4 "
+                                        "(4 attention heads per TP rank); choose degrees whose product divides 4"),
+    (3, "parallel.tensor_parallel=3", "parallel.tensor_parallel=3 does not divide the model's num_heads=4 "
+                                      "(attention heads); use a divisor of 4"),
+    (1, "parallel.tensor_parallel=2", "world_size=1 is not divisible by parallel.tensor_parallel=2 x "
+                                      "parallel.sequence_parallel=1 = 2; launch a multiple of 2 ranks"),
+]
+
+
+@pytest.mark.parametrize(("world", "override", "message"), GATE_PARALLEL_CASES,
+                         ids=[f"{w}:{o}" for w, o, _ in GATE_PARALLEL_CASES])
+def test_gate_search_refuses_an_impossible_parallel_layout(world, override, message, good_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
     code = _gate_search(capsys, good_dir, tmp_path / "run", override)
     _refused(capsys, code, message)
     assert not (tmp_path / "run").exists()
@@ -402,7 +419,7 @@ PARALLEL_CASES = [
     (2, "parallel.sequence_parallel=4", "world_size=2 is not divisible by parallel.tensor_parallel=1 x parallel.sequence_parallel=4 = 4; launch a multiple of 4 ranks"),
     (4, "parallel.layouts={4: {tensor_parallel: 8}}", "launch a multiple of 8 ranks"),
     (4, "parallel.layouts={4: {tensor_parallel: 2, sequence_parallel: 4}}", "= 8; launch a multiple of 8 ranks"),
-    (6, "parallel.tensor_parallel=2", "distill.trainable=lora with parallel.tensor_parallel=2"),
+    (4, "parallel.tensor_parallel=4", "parallel.tensor_parallel=4 exceeds the model's num_kv_heads=2"),
     (4, "parallel.tensor_parallel=0", "parallel.tensor_parallel=0 must be an int >= 1"),
 ]
 

@@ -62,9 +62,9 @@ BAD_CASES = [
     (["data.tasks={needle_in_space: 1.0}"], "data.tasks"),
     (["model.path=/nonexistent/model"], "model.path"),
     (["parallel.sequence_parallel=3"], "parallel.sequence_parallel"),
-    (["parallel.sequence_parallel=4", "data.seq_len=50"], "data.seq_len"),
     (["parallel.tensor_parallel=8"], "tensor_parallel"),
-    (["parallel.sequence_parallel=2"], "data-parallel under ZeRO-3 only"),
+    (["parallel.sequence_parallel=2"], "world_size=1 is not divisible by parallel.tensor_parallel=1 x "
+                                       "parallel.sequence_parallel=2"),  # the launcher started one rank
     (["search.stepz=3"], "search.stepz"),
     (["search.steps=many"], "search.steps"),
     (["search.regularizer=l1"], "search.regularizer"),
@@ -86,6 +86,31 @@ def test_bad_config_is_one_line_naming_the_field_and_writes_nothing(tmp_path, ca
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and field in err[0], err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (2, ["parallel.tensor_parallel=2", "morph.gate_granularity=head"], "morph.gate_granularity=head cannot run "
+                                                                         "with parallel.tensor_parallel=2"),
+    (4, ["parallel.sequence_parallel=4", "data.seq_len=50"], "data.seq_len"),
+    (8, ["parallel.tensor_parallel=8"], "parallel.tensor_parallel=8 does not divide the model's num_heads=4"),
+])
+def test_gate_search_layout_is_checked_against_the_launchers_world(tmp_path, capsys, monkeypatch, world, overrides,
+                                                                   message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = ["--config", str(ROOT / "recipes" / "embedded.yaml"), "--override", f"run.run_dir={tmp_path / 'run'}"]
+    for item in overrides:
+        argv += ["--override", item]
+    assert gate_search.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gate_search_runs_under_every_layout_that_tiles_the_world():
+    for tensor, sequence in ((2, 1), (1, 2), (2, 2)):
+        recipe = load_recipe(ROOT / "recipes" / "embedded.yaml", [f"parallel.tensor_parallel={tensor}",
+                                                                  f"parallel.sequence_parallel={sequence}"])
+        assert validate_recipe(recipe, world_size=4).num_layers == 4
 
 
 def test_missing_recipe_file(capsys, tmp_path):

@@ -69,6 +69,10 @@ def test_lora_bytes_by_hand():
     assert result.optimizer == lora * 12
     only_linear = estimate(TINY, dataclasses.replace(setup, lora_linear_layers_only=True))
     assert only_linear.params_trainable == lora / 2  # one of the two layers is linear
+    # TP=2 (parallel.lora_tp): B of q/k/v splits its rows, A of o its columns; the other factor stays whole
+    # q 4*64 + 64*4/2, k and v 4*64 + 32*4/2, o 4*64/2 + 64*4 = 1408 a layer, on each TP rank
+    tp2 = estimate(TINY, dataclasses.replace(setup, gpus=2, tensor_parallel=2))
+    assert tp2.params_trainable == 2 * 1408
 
 
 def test_gates_and_linear_bytes_by_hand():
@@ -204,7 +208,6 @@ def test_estimator_does_not_import_torch():
     (EstimateSetup(trainable="linear", full_layers="mixed"), "give full_layers as a count"),
     (EstimateSetup(trainable="lora", full_layers=3), "full_layers=3 must be 'mixed' or an integer in 0..2"),
     (EstimateSetup(trainable="lora", lora_modules=("qkv",)), "lora_modules has 'qkv'"),
-    (EstimateSetup(trainable="lora", gpus=2, tensor_parallel=2), "peft adapters do not wrap megatron"),
     (EstimateSetup(micro_batch=0), "micro_batch=0 must be a positive integer"),
 ])
 def test_bad_layouts_give_one_line_errors(setup, message):

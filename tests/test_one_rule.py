@@ -21,7 +21,8 @@ RULES = [
      {"flashmorph/parallel/layout.py"}),
     ("world size against TP x SP", re.compile(r"is not divisible by \{?\w*\.?(tensor|_TP)"),
      {"flashmorph/parallel/layout.py"}),
-    ("LoRA under tensor parallelism", re.compile(r"peft adapters do not wrap"), {"flashmorph/parallel/layout.py"}),
+    ("per-head gates under tensor parallelism", re.compile(r"gate_granularity=head cannot run"),
+     {"flashmorph/parallel/layout.py"}),
     ("the full-attention budget", re.compile(r"as a fraction must lie in|round\(budget|budget \* \w+ \+ 0\.5"),
      {"flashmorph/config/validate.py"}),
 ]

@@ -139,7 +139,8 @@ def check_args(args) -> dict:
                 raise ConfigError(f"--recipe {args.recipe} has model.path null and {teacher} holds no model; "
                                   "run gate search first or pass --model DIR")
             recipe.model.path = str(teacher)
-        validate_recipe(recipe)
+        # this tool runs in one process: the recipe's TP x SP degrees only have to fit the model (one DP replica)
+        validate_recipe(recipe, recipe.parallel.tensor_parallel * recipe.parallel.sequence_parallel)
         plan["recipe"] = recipe
         if plan["budget"] is None:
             plan["budget"], plan["budget_source"] = recipe.search.budget, f"search.budget of {args.recipe}"

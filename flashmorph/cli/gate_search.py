@@ -9,6 +9,7 @@ Exit codes: 0 done, 2 bad recipe or unusable run directory, 3 the embedded teach
 """
 
 import argparse
+import os
 import sys
 
 from flashmorph.config import load_recipe, validate_recipe
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
 
     def prepare():
         recipe = load_recipe(args.config, args.override)
-        validate_recipe(recipe)  # before any process group, model or file exists
+        # before any process group, model or file exists: the launcher already fixed the world size
+        validate_recipe(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         check_resume(recipe.run.run_dir, args.resume, args.resume_from)
         return recipe
 

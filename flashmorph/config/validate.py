@@ -11,7 +11,7 @@ from flashmorph.errors import ConfigError, check_choice
 from flashmorph.model.hf_dir import validate_model_dir
 from flashmorph.model.layout import read_layout
 from flashmorph.model.shape import ModelShape
-from flashmorph.parallel.layout import ParallelLayout, check_layout, check_trainable, layout_from_config
+from flashmorph.parallel.layout import check_gate_granularity, check_layout, layout_from_config
 from flashmorph.run_dir import RunDir
 
 
@@ -53,8 +53,9 @@ def num_full_layers(budget: int | float, num_layers: int) -> int:
     return resolve_budget(budget, num_layers, "search.budget")
 
 
-def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
-    """Raise ConfigError on the first problem; returns the model shape it read. Builds nothing."""
+def validate_recipe(recipe: GateSearchRecipe, world_size: int = 1) -> ModelShape:
+    """Raise ConfigError on the first problem; returns the model shape it read. Builds nothing.
+    `world_size`: the ranks the launcher started, which the TP x SP x DP layout must tile."""
     run, model, search, parallel = recipe.run, recipe.model, recipe.search, recipe.parallel
     run.validate()
     model.validate_dtype()
@@ -76,12 +77,9 @@ def validate_recipe(recipe: GateSearchRecipe) -> ModelShape:
         if getattr(search, name) < 0:
             raise ConfigError(f"search.{name}={getattr(search, name)} must be >= 0 (0 turns it off)")
     parallel.validate_deepspeed()
-    sp, tp = parallel.sequence_parallel, parallel.tensor_parallel
-    check_layout(ParallelLayout(tensor=tp, sequence=sp, data=1), shape, recipe.data.seq_len)
-    if sp > 1 or tp > 1:  # checked after the divisibility rules so a user learns every problem of the value
-        raise ConfigError(f"parallel.sequence_parallel={sp}, tensor_parallel={tp}: gate search runs data-parallel "
-                          "under ZeRO-3 only for now; set both to 1 (sequence/tensor parallelism arrive with "
-                          "distillation)")
+    layout = layout_from_config(parallel, world_size)
+    check_gate_granularity(layout, recipe.morph.gate_granularity)
+    check_layout(layout, shape, recipe.data.seq_len)
     if model.path is None:
         validate_teacher(recipe.teacher)
     recipe.data.validate(vocab_size=shape.vocab_size if model.path is None else None)
@@ -141,7 +139,6 @@ def validate_distill_recipe(recipe: DistillRecipe, world_size: int = 1) -> Model
     layout = layout_from_config(parallel, world_size)
     for seq_len in ([s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]):
         check_layout(layout, shape, seq_len)
-    check_trainable(layout, distill.trainable)
     for stage_len in [s.seq_len for s in distill.length_schedule] or [recipe.data.seq_len]:
         dataclasses.replace(recipe.data, seq_len=stage_len).validate()
     recipe.text.validate()
@@ -202,4 +199,4 @@ def validate(recipe: GateSearchRecipe | DistillRecipe, world_size: int = 1) -> M
     """Either recipe tree, checked before anything is built; the model shape it read from config.json."""
     if isinstance(recipe, DistillRecipe):
         return validate_distill_recipe(recipe, world_size)
-    return validate_recipe(recipe)
+    return validate_recipe(recipe, world_size)

@@ -9,13 +9,15 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from torch import nn
 
 from flashmorph.errors import FlashMorphError
+from flashmorph.parallel.layout import check_gate_granularity
 from flashmorph.parallel.mesh import Mesh
 from flashmorph.parallel.sequence import install_sequence_parallel, shard_sequence
-from flashmorph.parallel.tensor import apply_tensor_parallel
+from flashmorph.parallel.tensor import apply_tensor_parallel, tensor_parallel_state
 
 def parallelize_gate_search(model: nn.Module, mesh: Mesh, micro_batch_size: int) -> nn.Module:
-    """Split a MorphableLM (built from unpartitioned weights) over `mesh` in place: megatron TP on its projections
-    and Ulysses SP around its attention; call before `zero.initialize_engine(..., mpu=mesh.mpu)`.
+    """Split a MorphableLM (built from unpartitioned weights, or around a model `load_sharded_causal_lm` already split
+    over TP) over `mesh` in place: megatron TP on its projections and Ulysses SP around its attention; call before
+    `zero.initialize_engine(..., mpu=mesh.mpu)`.
 
     Each TP rank mixes its own heads with the (replicated) gates, so a gate's gradient there covers those heads
     only; the gate values enter the decoder through megatron's copy-to-TP region (identity forward, all-reduce over
@@ -26,7 +28,10 @@ def parallelize_gate_search(model: nn.Module, mesh: Mesh, micro_batch_size: int)
     if not hasattr(model, "gates") or not hasattr(model, "lm"):
         raise FlashMorphError(f"parallelize_gate_search takes a MorphableLM, got {type(model).__name__}")
     if mesh.tp_size > 1:
-        apply_tensor_parallel(model.lm, mesh)  # refuses per-head gates: each TP rank holds a slice of the heads
+        if tensor_parallel_state(model.lm) is None:
+            apply_tensor_parallel(model.lm, mesh)  # refuses per-head gates: each TP rank holds a slice of the heads
+        else:  # split at load (sharded_load), before the gates existed
+            check_gate_granularity(mesh.layout, model.morph_config.gate_granularity)
         decoder = model.lm.get_decoder()
         decoder.register_forward_pre_hook(_tp_gate_region(mesh.tp_group), with_kwargs=True)
     if mesh.sp_size > 1:

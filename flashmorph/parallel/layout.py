@@ -16,7 +16,6 @@ class DegreeNames:
     tensor: str = "parallel.tensor_parallel"
     sequence: str = "parallel.sequence_parallel"
     world: str = "world_size"
-    trainable: str = "distill.trainable"
 
 
 RECIPE_NAMES = DegreeNames()
@@ -122,9 +121,9 @@ def check_layout(layout: ParallelLayout, shape: ModelShape, seq_len: int | None 
         check_seq_len(sp, seq_len, names)
 
 
-def check_trainable(layout: ParallelLayout, trainable: str, names: DegreeNames = RECIPE_NAMES) -> None:
-    """LoRA adapters (peft) wrap plain nn.Linear layers, not megatron's parallel ones: no LoRA under TP."""
-    if trainable == "lora" and layout.tensor > 1:
-        raise ConfigError(f"{names.trainable}=lora with {names.tensor}={layout.tensor}: peft adapters do not wrap "
-                          f"megatron's parallel layers; use {names.trainable}=linear or full with TP, or "
-                          f"{names.tensor}=1 with LoRA")
+def check_gate_granularity(layout: ParallelLayout, granularity: str, names: DegreeNames = RECIPE_NAMES) -> None:
+    """Per-head gates mix whole query heads, and TP gives each rank a slice of them: per-layer gates only under TP."""
+    if granularity == "head" and layout.tensor > 1:
+        raise ConfigError(f"morph.gate_granularity=head cannot run with {names.tensor}={layout.tensor} (each TP rank "
+                          f"holds a slice of the heads); use morph.gate_granularity=layer or {names.tensor}=1")
+

@@ -15,12 +15,12 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-from flashmorph.errors import CheckpointError, ConfigError, FlashMorphError
+from flashmorph.errors import CheckpointError, FlashMorphError
 from flashmorph.io.safetensors import SafetensorsFile
 from flashmorph.model.morph import attention_modules
 from flashmorph.model.shape import ModelShape
 from flashmorph.parallel import tp_rules
-from flashmorph.parallel.layout import check_layout
+from flashmorph.parallel.layout import check_gate_granularity, check_layout
 from flashmorph.parallel.mesh import Mesh
 from flashmorph.parallel.tp_shards import TPSource
 
@@ -122,12 +122,11 @@ def _parallel_linear(kind: str, old: nn.Linear, mesh: Mesh) -> nn.Module:
     return layer
 
 
-def _check_head_gates(lm: nn.Module, tp: int) -> None:
+def _check_head_gates(lm: nn.Module, layout) -> None:
     for module in attention_modules(lm):
         spec = getattr(module, "morph", None)
-        if tp > 1 and spec is not None and spec.config.gate_granularity == "head":
-            raise ConfigError(f"morph.gate_granularity=head cannot run with parallel.tensor_parallel={tp} yet "
-                              "(each rank holds a slice of the heads); use gate_granularity=layer")
+        if spec is not None:
+            check_gate_granularity(layout, spec.config.gate_granularity)
 
 
 def apply_tensor_parallel(lm: nn.Module, mesh: Mesh, shards: str | Path | None = None) -> nn.Module:
@@ -149,7 +148,7 @@ def apply_tensor_parallel(lm: nn.Module, mesh: Mesh, shards: str | Path | None =
                               "deepspeed.initialize, on a model built without zero.Init")
     if getattr(lm, _STATE_ATTR, None) is not None:
         raise FlashMorphError("apply_tensor_parallel was already applied to this model")
-    _check_head_gates(lm, tp)
+    _check_head_gates(lm, mesh.layout)
     if tp > 1:
         prefix = _layers_prefix(lm, layers)
         for idx, layer in enumerate(layers):

@@ -7,7 +7,6 @@ ranks, with optional Ulysses sequence parallelism and megatron tensor parallelis
 import dataclasses
 import json
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +57,21 @@ def _student_source(recipe: DistillRecipe) -> Path:
 def build_distill_model(recipe: DistillRecipe, ds_config: dict, mesh: Mesh) -> tuple[DistillModel, list]:
     """Student (hybrid, trainable set applied), teacher, and the trainable parameters; parallel layers swapped in."""
     cfg, dtype = recipe.distill, recipe.model.dtype
-    # TP slices full weights after loading, so its ranks load unpartitioned; otherwise zero.Init shards at load
-    with zero.zero3_model_init(ds_config) if mesh.layout.tensor == 1 else nullcontext():
-        student = load_causal_lm(_student_source(recipe), dtype)
-        teacher = load_causal_lm(recipe.model.path, dtype) if cfg.trainable != "lora" else None
+    if mesh.layout.tensor == 1:  # zero.Init shards at load
+        with zero.zero3_model_init(ds_config):
+            student = load_causal_lm(_student_source(recipe), dtype)
+            teacher = load_causal_lm(recipe.model.path, dtype) if cfg.trainable != "lora" else None
+    else:  # each rank reads only its TP slices, already in megatron's parallel layers
+        from flashmorph.parallel.sharded_load import load_sharded_causal_lm
+
+        student = load_sharded_causal_lm(_student_source(recipe), mesh, dtype)
+        teacher = load_sharded_causal_lm(recipe.model.path, mesh, dtype) if cfg.trainable != "lora" else None
     modes = read_layout(recipe.student.layout, student.config.num_hidden_layers)
     model, trainable = prepare_distill_model(student, teacher, modes, cfg, recipe.morph, mesh,
                                              recipe.model.activation_checkpointing)
     if cfg.trainable == "lora" and recipe.student.init_from is not None:
-        lora.load_adapter(model.student, RunDir(recipe.student.init_from).adapter)
+        lora.load_adapter(model.student, RunDir(recipe.student.init_from).adapter,
+                          tensor_parallel=mesh.layout.tensor > 1)
     return model, trainable
 
 
@@ -89,7 +94,8 @@ def prepare_distill_model(student, teacher, modes: list[str], cfg, morph_config,
     linear_layers = [i for i, mode in enumerate(modes) if mode == "linear"]
     if cfg.trainable == "lora":
         student = lora.add_lora(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
-                                layers=linear_layers if cfg.lora_linear_layers_only else None)
+                                layers=linear_layers if cfg.lora_linear_layers_only else None,
+                                tensor_parallel=mesh is not None and mesh.layout.tensor > 1)
     elif cfg.trainable == "linear":
         for idx in linear_layers:
             attn = student.model.layers[idx].self_attn
@@ -107,12 +113,13 @@ def prepare_distill_model(student, teacher, modes: list[str], cfg, morph_config,
 
 
 def parallelize_distill_models(models: list, mesh: Mesh, micro_batch_size: int) -> None:
-    """Megatron TP and Ulysses SP layers swapped into each HF model, for the mesh's degrees (requires_grad kept)."""
+    """Megatron TP and Ulysses SP layers swapped into each HF model, for the mesh's degrees (requires_grad kept);
+    a model that load_sharded_causal_lm already split over TP keeps its layers."""
     from flashmorph.parallel.sequence import install_sequence_parallel
-    from flashmorph.parallel.tensor import apply_tensor_parallel
+    from flashmorph.parallel.tensor import apply_tensor_parallel, tensor_parallel_state
 
     for lm in models:
-        if mesh.layout.tensor > 1:
+        if mesh.layout.tensor > 1 and tensor_parallel_state(lm) is None:
             apply_tensor_parallel(lm, mesh)
         if mesh.layout.sequence > 1:
             install_sequence_parallel(lm, mesh.sp_group, micro_batch_size)
@@ -265,13 +272,18 @@ def _write_outputs(recipe, model: DistillModel, mesh: Mesh, info, kl_history, kl
     from flashmorph.export import save_hybrid
 
     run_dir = Path(recipe.run.run_dir)
+    cfg = recipe.distill
     student_dir = None
-    if mesh.layout.tensor > 1:
+    if mesh.layout.tensor > 1 and cfg.trainable != "lora":
         log.info("tensor-parallel run: the student stays in its checkpoint; convert it with tools/reshard.py")
     else:
-        state = zero.gather_state_dict(model.student, keep=info.is_main)
+        if mesh.layout.tensor > 1:  # every rank gathers the TP slices of the (replicated, frozen) base and adapters
+            from flashmorph.parallel.lora_tp import gather_lora_model_state
+
+            state = gather_lora_model_state(model.student, mesh, keep=info.is_main)
+        else:
+            state = zero.gather_state_dict(model.student, keep=info.is_main)
         if info.is_main:
-            cfg = recipe.distill
             if cfg.trainable == "lora":
                 lora.save_adapter(model.student, state, RunDir(run_dir).adapter)
                 state = lora.merge_lora_state(state, cfg.lora_alpha / cfg.lora_rank)

@@ -1,4 +1,5 @@
-"""Gate search: freeze every weight, train only the gates on synthetic retrieval data under ZeRO-3."""
+"""Gate search: freeze every weight, train only the gates on synthetic retrieval data under ZeRO-3, with optional
+megatron tensor parallelism and Ulysses sequence parallelism (composed in parallel.mesh)."""
 
 import json
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from flashmorph.data.from_model import data_for_model
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.load import load_causal_lm
 from flashmorph.parallel import distributed, zero
+from flashmorph.parallel.gate_parallel import answer_loss_scale, local_gate_batch, parallelize_gate_search
+from flashmorph.parallel.layout import layout_from_config
+from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
 from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
@@ -46,32 +50,40 @@ def _resolve_model_dir(recipe: GateSearchRecipe, run_dir: Path, info, show_progr
     return teacher_dir, report
 
 
-def gate_search_ds_config(search, parallel, dtype: str, world_size: int) -> dict:
-    """The DeepSpeed config of gate search: ZeRO over every rank, AdamW on the gate logits only."""
+def gate_search_ds_config(search, parallel, dtype: str, dp_size: int) -> dict:
+    """The DeepSpeed config of gate search: ZeRO over the data-parallel ranks, AdamW on the gate logits only."""
     return zero.build_ds_config(
-        micro_batch_size=search.micro_batch_size, grad_accum_steps=search.grad_accum_steps, world_size=world_size,
+        micro_batch_size=search.micro_batch_size, grad_accum_steps=search.grad_accum_steps, world_size=dp_size,
         dtype=dtype, zero_stage=parallel.zero_stage, lr=search.lr, weight_decay=search.weight_decay,
         grad_clip=search.grad_clip, override_file=parallel.deepspeed_config)
 
 
-def build_gate_engine(lm, morph_config, ds_config: dict, seed: int) -> tuple[losses.RetrievalLossModel, object]:
-    """Gates around `lm` (frozen, loaded under zero.Init by the caller) and the engine that trains only them."""
+def build_gate_engine(lm, morph_config, ds_config: dict, seed: int, mesh: Mesh,
+                      micro_batch_size: int) -> tuple[losses.RetrievalLossModel, object]:
+    """Gates around `lm` (frozen; loaded under zero.Init, or TP-sharded by load_sharded_causal_lm, by the caller),
+    split over `mesh` for its TP and SP degrees, and the engine that trains only the gates."""
     torch.manual_seed(seed)  # the gates' initial values
-    model = losses.RetrievalLossModel(lm, morph_config)
-    engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config)
+    model = parallelize_gate_search(losses.RetrievalLossModel(lm, morph_config), mesh, micro_batch_size)
+    engine = zero.initialize_engine(model, list(model.gates.parameters()), ds_config, mpu=mesh.mpu)
     engine.train()
     return model, engine
 
 
 def build_gate_search(recipe: GateSearchRecipe, model_dir: Path,
-                      world_size: int) -> tuple[losses.RetrievalLossModel, object]:
-    """The recipe's model from `model_dir`, partitioned at load, with its gates and their engine."""
-    ds_config = gate_search_ds_config(recipe.search, recipe.parallel, recipe.model.dtype, world_size)
-    with zero.zero3_model_init(ds_config):
-        lm = load_causal_lm(model_dir, recipe.model.dtype)
+                      mesh: Mesh) -> tuple[losses.RetrievalLossModel, object]:
+    """The recipe's model from `model_dir`, partitioned at load (ZeRO-3 at TP=1, each rank's TP slices otherwise),
+    with its gates and their engine."""
+    ds_config = gate_search_ds_config(recipe.search, recipe.parallel, recipe.model.dtype, mesh.dp_size)
+    if mesh.tp_size == 1:
+        with zero.zero3_model_init(ds_config):
+            lm = load_causal_lm(model_dir, recipe.model.dtype)
+    else:
+        from flashmorph.parallel.sharded_load import load_sharded_causal_lm
+
+        lm = load_sharded_causal_lm(model_dir, mesh, recipe.model.dtype)
     if recipe.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return build_gate_engine(lm, recipe.morph, ds_config, recipe.run.seed)
+    return build_gate_engine(lm, recipe.morph, ds_config, recipe.run.seed, mesh, recipe.search.micro_batch_size)
 
 
 def gate_search_loss(out: dict, ce_scale: float, lam: float, search, budget_fraction: float):
@@ -81,30 +93,32 @@ def gate_search_loss(out: dict, ce_scale: float, lam: float, search, budget_frac
 
 
 class GateSearchStep:
-    """One optimizer step of gate search: grad_accum_steps micro batches of retrieval samples per rank."""
+    """One optimizer step of gate search: grad_accum_steps micro batches of retrieval samples per DP replica, each
+    rank taking its share (its sequence slice under SP; TP ranks of a replica take the same)."""
 
-    def __init__(self, engine, model: losses.RetrievalLossModel, dataset, search, info, budget_fraction: float):
+    def __init__(self, engine, model: losses.RetrievalLossModel, dataset, search, info, budget_fraction: float,
+                 mesh: Mesh):
         self.engine, self.model, self.dataset, self.search, self.info = engine, model, dataset, search, info
-        self.budget_fraction = budget_fraction
+        self.budget_fraction, self.mesh = budget_fraction, mesh
 
     def micro_batches(self, step: int) -> list[dict]:
-        search, info = self.search, self.info
-        accum, world = search.grad_accum_steps, info.world_size
-        batches = [self.dataset.batch(sample_indices(step, m, info.rank, world, search.micro_batch_size, accum))
+        search, info, mesh = self.search, self.info, self.mesh
+        accum, micro = search.grad_accum_steps, search.micro_batch_size
+        batches = [self.dataset.batch(sample_indices(step, m, mesh.dp_rank, mesh.dp_size, micro, accum))
                    for m in range(accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        step_tokens = distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=info.device)).item()
-        # DeepSpeed divides each micro loss by accum and averages over ranks; this scale turns the
-        # per-rank sums back into the mean over the whole step's answer tokens, for any world size
-        self.ce_scale = accum * world / max(step_tokens, 1.0)
+        local = [local_gate_batch(b, mesh, info.device) for b in batches]  # input_ids, position_ids, shift_labels
+        local_tokens = sum(int((b["shift_labels"] != -100).sum()) for b in local)
+        # DeepSpeed divides each micro loss by accum and averages over the SP x DP ranks; this scale turns the
+        # per-rank sums back into the mean over the whole step's answer tokens, for any layout
+        self.ce_scale = answer_loss_scale(local_tokens, mesh, accum, info.device)
         self.lam = losses.reg_lambda(step, search.reg_weight, search.reg_warmup_steps)
         self.totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # ce_sum, tokens, correct, reg
-        self.seq_tokens = sum(b["input_ids"].numel() for b in batches) * world
-        return batches
+        self.seq_tokens = sum(b["input_ids"].numel() for b in batches) * mesh.dp_size
+        return local
 
-    def micro_step(self, batch: dict) -> tuple[torch.Tensor, tuple]:
-        device = self.info.device
-        self.out = self.engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+    def micro_step(self, local: dict) -> tuple[torch.Tensor, tuple]:
+        self.out = self.engine(local["input_ids"], position_ids=local["position_ids"],
+                               shift_labels=local["shift_labels"])
         loss, reg = gate_search_loss(self.out, self.ce_scale, self.lam, self.search, self.budget_fraction)
         self.totals += torch.stack([self.out["loss_sum"].detach().double(), self.out["num_tokens"].double(),
                                     self.out["num_correct"].double(),
@@ -113,10 +127,11 @@ class GateSearchStep:
 
     def finish(self, step: int) -> StepLog:
         gate_values = self.out["gate_values"].detach().float().cpu()
-        totals = distributed.all_reduce_sum(self.totals)
+        # TP ranks hold the same tokens (and every rank the same regularizer): sum TP rank 0's share only
+        totals = distributed.all_reduce_sum(self.totals * (1.0 if self.mesh.tp_rank == 0 else 0.0))
         ce = (totals[0] / totals[1]).item()
         accuracy = (totals[2] / totals[1]).item()
-        reg_value = totals[3].item() / self.info.world_size
+        reg_value = totals[3].item() / (self.mesh.sp_size * self.mesh.dp_size)
         scalars = {"loss/total": ce + self.lam * reg_value, "loss/retrieval": ce, "loss/regularizer": reg_value,
                    "reg/lambda": self.lam, "acc/retrieval": accuracy}
         gates = " ".join(f"{v:.2f}" for v in self.model.gates.layer_scores(gate_values))
@@ -136,8 +151,16 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     checkpoint and raises `Preempted` (the launcher turns it into PREEMPTED_EXIT_CODE).
     `resume_from` (implies `resume`) resumes from that step's checkpoint instead of the newest intact one.
     """
-    resume = resume or resume_from is not None
-    shape = validate_recipe(recipe)
+    shape = validate_recipe(recipe, info.world_size)
+    mesh = init_mesh(layout_from_config(recipe.parallel, info.world_size))
+    try:
+        return _run(recipe, info, mesh, shape, resume or resume_from is not None, resume_from, show_progress,
+                    preemption, dataset)
+    finally:
+        destroy_mesh()
+
+
+def _run(recipe, info, mesh: Mesh, shape, resume, resume_from, show_progress, preemption, dataset) -> GateSearchResult:
     search = recipe.search
     run_dir = Path(recipe.run.run_dir)
     distributed.run_on_main(lambda: prepare_run_dir(run_dir, recipe.to_dict(), resume=resume), info)
@@ -147,9 +170,9 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
         space, haystack = data_for_model(model_dir, recipe.data, shape.vocab_size)
         dataset = RetrievalDataset(recipe.data, space, haystack=haystack)
 
-    model, engine = build_gate_search(recipe, model_dir, info.world_size)
+    model, engine = build_gate_search(recipe, model_dir, mesh)
     k = num_full_layers(search.budget, shape.num_layers)
-    step_fn = GateSearchStep(engine, model, dataset, search, info, budget_fraction=k / shape.num_layers)
+    step_fn = GateSearchStep(engine, model, dataset, search, info, budget_fraction=k / shape.num_layers, mesh=mesh)
     loop = LoopConfig("gate search", search.steps, search.log_every, search.save_every, search.keep_last,
                       search.max_bad_steps, "search.max_bad_steps", recipe.model.dtype, checked="loss or gates")
     done = train(step_fn, loop, run_dir, info, resume=resume, resume_from=resume_from, show_progress=show_progress,
@@ -166,12 +189,12 @@ def run_gate_search(recipe: GateSearchRecipe, info: distributed.DistInfo, resume
     result = GateSearchResult(run_dir, gate_values, layer_scores, kept, accuracy, teacher_report, resumed,
                               done.skipped_steps)
     # on rank 0, and a full disk there raises on every rank instead of leaving the others at a barrier
-    distributed.run_on_main(lambda: _write_outputs(result, recipe, k, model_dir, info.world_size), info)
+    distributed.run_on_main(lambda: _write_outputs(result, recipe, k, model_dir, mesh.dp_size), info)
     return result
 
 
 def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, model_dir: Path,
-                   world_size: int) -> None:
+                   dp_size: int) -> None:
     metadata = {"granularity": recipe.morph.gate_granularity, "num_layers": str(len(result.layer_scores)),
                 "steps": str(recipe.search.steps), "model": str(model_dir)}
     # clone: for per-layer gates both tensors view the same storage, which safetensors refuses to write
@@ -184,7 +207,7 @@ def _write_outputs(result: GateSearchResult, recipe: GateSearchRecipe, k: int, m
         "ranking": ranking,
         "budget": recipe.search.budget,
         "steps": recipe.search.steps,
-        "samples_per_step": recipe.search.micro_batch_size * recipe.search.grad_accum_steps * world_size,
+        "samples_per_step": recipe.search.micro_batch_size * recipe.search.grad_accum_steps * dp_size,
         "num_full_layers": k,
         "kept_layers": result.kept_layers,
         "final_retrieval_accuracy": result.final_accuracy,

@@ -1,5 +1,7 @@
-"""Gate search under the real DeepSpeed ZeRO-3 engine on CPU: 2 gloo ranks = 1 process; kill + resume = uninterrupted."""
+"""Gate search under the real DeepSpeed ZeRO-3 engine on CPU: 2 gloo ranks (DP, TP or Ulysses SP) = 1 process;
+kill + resume = uninterrupted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -33,26 +35,51 @@ def _overrides(model_dir, run_dir, micro_batch_size, steps=4, extra=()):
             "data.seq_len=64", "data.num_pairs=4", "search.lr=0.1", *extra]
 
 
-def _search(info, overrides):
+def _search(info, overrides, resume=False):
     from flashmorph.stages.gate_search import run_gate_search
 
     recipe = load_recipe(RECIPE, overrides)
-    result = run_gate_search(recipe, info, show_progress=False)
+    result = run_gate_search(recipe, info, resume=resume, show_progress=False)
     return result.gate_values, result.final_accuracy
 
 
-def test_two_zero3_ranks_match_one_process(model_dir, tmp_path):
-    # one process with micro batch 4 sees exactly the samples that 2 ranks with micro batch 2 see
-    single = run_distributed(_search, 1, _overrides(model_dir, tmp_path / "one", 4, extra=["search.grad_accum_steps=2"]))
-    double = run_distributed(_search, 2, _overrides(model_dir, tmp_path / "two", 2, extra=["search.grad_accum_steps=2"]))
+ACCUM = ["search.grad_accum_steps=2"]
+TP2, SP2 = ["parallel.tensor_parallel=2"], ["parallel.sequence_parallel=2"]
+
+
+def _search_two_ranks(info, model_dir, root):
+    """One 2-rank world (its start-up is the cost), several runs: data parallel (micro batch 2 per rank), TP=2 and
+    SP=2 (one replica, micro batch 4), and TP=2 stopped after 2 steps then resumed to 4."""
+    runs = {"dp2": _search(info, _overrides(model_dir, root / "dp2", 2, extra=ACCUM)),
+            "tp2": _search(info, _overrides(model_dir, root / "tp2", 4, extra=[*ACCUM, *TP2])),
+            "sp2": _search(info, _overrides(model_dir, root / "sp2", 4, extra=[*ACCUM, *SP2]))}
+    _search(info, _overrides(model_dir, root / "tp2_resumed", 4, steps=2, extra=[*ACCUM, *TP2]))
+    runs["tp2_resumed"] = _search(info, _overrides(model_dir, root / "tp2_resumed", 4, extra=[*ACCUM, *TP2]),
+                                  resume=True)
+    return runs
+
+
+def test_two_ranks_in_every_layout_match_one_process(model_dir, tmp_path):
+    # one process with micro batch 4 sees exactly the samples that 2 DP ranks with micro batch 2 see, and that
+    # one TP or SP pair with micro batch 4 sees (each SP rank half of every sequence)
+    single = run_distributed(_search, 1, _overrides(model_dir, tmp_path / "one", 4, extra=ACCUM))
+    double = run_distributed(_search_two_ranks, 2, model_dir, tmp_path)
     gates_1, acc_1 = single[0]
-    gates_2a, acc_2 = double[0]
-    gates_2b, _ = double[1]
     assert not torch.allclose(gates_1, torch.full_like(gates_1, 0.88), atol=1e-3), "gates did not move"
-    torch.testing.assert_close(gates_2a, gates_2b, rtol=0, atol=0)  # ranks agree exactly
-    # summation order differs between 1 and 2 ranks, so equality holds to fp32 rounding
-    torch.testing.assert_close(gates_2a, gates_1, rtol=0, atol=1e-5)
-    assert acc_1 == pytest.approx(acc_2, abs=1e-6)
+    for name in ("dp2", "tp2", "sp2", "tp2_resumed"):
+        (gates_a, acc_a), (gates_b, acc_b) = double[0][name], double[1][name]
+        torch.testing.assert_close(gates_a, gates_b, rtol=0, atol=0, msg=f"{name}: ranks disagree")
+        assert acc_a == acc_b, name
+        # summation order differs between 1 and 2 ranks, so equality holds to fp32 rounding
+        torch.testing.assert_close(gates_a, gates_1, rtol=0, atol=1e-5, msg=f"{name}: gates differ from 1 process")
+        assert acc_a == pytest.approx(acc_1, abs=1e-6), name
+    # the resumed TP run replays the uninterrupted one exactly
+    torch.testing.assert_close(double[0]["tp2_resumed"][0], double[0]["tp2"][0], rtol=0, atol=0)
+    resumed = json.loads((tmp_path / "tp2_resumed" / "summary.json").read_text())["resumed"]
+    assert resumed and resumed["step"] == 2, resumed
+    for name in ("tp2", "sp2"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["samples_per_step"] == 8, "one data-parallel replica: micro batch 4 x 2 accumulation steps"
     assert (tmp_path / "one" / "gates.safetensors").is_file()
     assert (tmp_path / "one" / "tb").is_dir() and any((tmp_path / "one" / "tb").iterdir())
 
