@@ -596,7 +596,7 @@ def recipe_setup(recipe_path, world_size: int, stage: str, overrides=()) -> tupl
 
     from flashmorph.config import DistillRecipe, GateSearchRecipe, load_recipe
     from flashmorph.model.layout import read_layout
-    from flashmorph.parallel.layout import layout_from_config
+    from flashmorph.parallel.layout import check_gate_granularity, layout_from_config
 
     check_choice("stage", stage, DRY_RUN_STAGES)
     recipe = load_recipe(recipe_path, list(overrides), GateSearchRecipe if stage == "gate_search" else DistillRecipe)
@@ -605,6 +605,7 @@ def recipe_setup(recipe_path, world_size: int, stage: str, overrides=()) -> tupl
                   dtype=recipe.model.dtype, activation_checkpointing=recipe.model.activation_checkpointing,
                   zero_stage=recipe.parallel.zero_stage)
     if stage == "gate_search":
+        check_gate_granularity(layout, recipe.morph.gate_granularity)  # as validate_recipe refuses it
         shape = recipe_model_shape(recipe.model.path, recipe.teacher)
         return shape, EstimateSetup(**common, seq_len=recipe.data.seq_len, micro_batch=recipe.search.micro_batch_size,
                                     grad_accum=recipe.search.grad_accum_steps, trainable="gates", full_layers="mixed")
@@ -642,7 +643,7 @@ def dry_run(recipe_path, world_size: int, stage: str, overrides=()) -> DryRunRep
                           f"estimator counts {round(memory.params_total)}; its ModelShape misses a weight")
     layout = resolve_layout(setup.tensor_parallel, setup.sequence_parallel, world_size)
     step = StepShape(setup.local_tokens, setup.grad_accum, DTYPE_BYTES[setup.dtype], memory.params_trainable,
-                     setup.activation_checkpointing, setup.zero_stage, setup.trainable in ("linear", "full"))
+                     setup.activation_checkpointing, setup.zero_stage, setup.trainable != "gates")
     return DryRunReport(shape, setup, params, memory, communication_plan(shape, layout, step, params))
 
 

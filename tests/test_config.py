@@ -11,8 +11,6 @@ from flashmorph.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 def test_recipe_file_then_overrides(tmp_path):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("search:\n  steps: 7\n  lr: 1\ndata:\n  tasks: {mqar: 2, niah_single: 1}\n")

@@ -62,7 +62,6 @@ def test_the_run_dir_name_scan_finds_a_join(tmp_path):
                                             'tools/x.py:3: c = Path(d) /"tb"']
 
 
-
 def test_comments_cite_documents_that_are_in_the_repository():
     """A comment's "(DESIGN: ...)" pointed at a design note kept outside the repository; cite docs/ instead."""
     assert matching_lines(ROOT, re.compile(r"\bDESIGN\b")) == []

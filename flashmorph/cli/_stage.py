@@ -49,6 +49,14 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def check_world_size_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--world-size plans a dry run; a real run takes its world size from the launcher ($WORLD_SIZE)."""
+    if args.world_size is not None and not args.dry_run:
+        parser.error("--world-size goes with --dry-run; a run's world size comes from its launcher (deepspeed, "
+                     "torchrun, srun)")
+    return args
+
+
 def dry_run(args: argparse.Namespace, stage: str) -> int:
     """--dry-run: the plan of `stage` for args.config at args.world_size ranks, printed; no process group."""
     quiet_third_party()

@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 
+from flashmorph.cli._stage import check_world_size_flag, dry_run, run_stage, stage_parser
 from flashmorph.config import DistillRecipe, load_recipe, validate_distill_recipe
 from flashmorph.errors import ConfigError
-from flashmorph.cli._stage import dry_run, run_stage, stage_parser
 from flashmorph.run_dir import check_resume
 
 
@@ -22,7 +22,8 @@ DESCRIPTIONS = {"distill": "Distill a hybrid student from its original model.",
 
 
 def parse_args(argv=None, stage: str = "distill") -> argparse.Namespace:
-    return stage_parser(DESCRIPTIONS[stage], "recipes/embedded_distill.yaml", "distill.steps=100").parse_args(argv)
+    parser = stage_parser(DESCRIPTIONS[stage], "recipes/embedded_distill.yaml", "distill.steps=100")
+    return check_world_size_flag(parser, parser.parse_args(argv))
 
 
 def main(argv=None, stage: str = "distill") -> int:

@@ -12,14 +12,15 @@ import argparse
 import os
 import sys
 
+from flashmorph.cli._stage import check_world_size_flag, dry_run, run_stage, stage_parser
 from flashmorph.config import load_recipe, validate_recipe
-from flashmorph.cli._stage import dry_run, run_stage, stage_parser
 from flashmorph.run_dir import check_resume
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return stage_parser("Train the per-layer softmax/linear gates of a morphed model.", "recipes/embedded.yaml",
-                        "search.steps=100").parse_args(argv)
+    parser = stage_parser("Train the per-layer softmax/linear gates of a morphed model.", "recipes/embedded.yaml",
+                          "search.steps=100")
+    return check_world_size_flag(parser, parser.parse_args(argv))
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flashmorph.cli._stage import run_stage
 from flashmorph.config import TeacherConfig, load_recipe, validate_teacher
 from flashmorph.errors import ConfigError
-from flashmorph.cli._stage import run_stage
 
 
 @dataclass

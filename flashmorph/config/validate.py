@@ -174,7 +174,6 @@ def validate_distill_section(d: DistillConfig) -> None:
         previous = stage.seq_len
 
 
-
 def check_init_from(run_dir: str, trainable: str, num_layers: int) -> None:
     """student.init_from must be a finished distill (or long-context) run of this model: its summary.json, and the
     adapter/ (LoRA) or student/ (linear, full) it wrote, which is what the next stage loads."""

@@ -172,8 +172,11 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
         fault_point("file_renamed")
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed earlier write's temp
-            stale.unlink(missing_ok=True)
+        # a killed earlier write's temp: mkstemp's 8 random characters between the name and ".tmp" (so the temp of a
+        # longer name, ".x.json.<8>.tmp" beside x, is not this file's)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.????????.tmp"):
+            if "." not in stale.name[len(path.name) + 2:-4]:
+                stale.unlink(missing_ok=True)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()

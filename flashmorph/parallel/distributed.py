@@ -24,6 +24,9 @@ class DistInfo:
         return self.rank == 0
 
 
+_ONE_PROCESS_ENV: dict[str, str | None] = {}  # variables a world of one set, with their values before (None: unset)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -42,9 +45,12 @@ def init_distributed() -> DistInfo:
     from flashmorph.parallel.quiet import drop_stdout_lines
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        one_process = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        one_process.update((key, os.environ.get(key, default)) for key, default in
+                           (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))))
+        _ONE_PROCESS_ENV.clear()
+        _ONE_PROCESS_ENV.update((key, os.environ.get(key)) for key in one_process)
+        os.environ.update(one_process)
     if not dist.is_initialized():
         with drop_stdout_lines():  # DeepSpeed prints a line each time it loads its CPU comm op
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
@@ -58,9 +64,17 @@ def init_distributed() -> DistInfo:
 
 
 def destroy_distributed() -> None:
-    """Tear the group down; without it gloo processes sometimes abort at exit."""
+    """Tear the group down; without it gloo processes sometimes abort at exit. A world of one also gives back the
+    environment it set: a later launcher started from this process (a test, a notebook) would otherwise inherit
+    RANK and a MASTER_PORT that is no longer free."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, before in _ONE_PROCESS_ENV.items():
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    _ONE_PROCESS_ENV.clear()
 
 
 @contextmanager

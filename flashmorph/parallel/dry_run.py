@@ -84,7 +84,7 @@ class StepShape:
     trainable_per_tp_rank: float  # parameters the optimizer holds on one TP rank (before ZeRO)
     checkpointing: bool  # activation checkpointing: every layer runs its forward twice
     zero_stage: int
-    teacher: bool  # a separate frozen teacher forward (distillation with trainable=linear or full)
+    teacher: bool  # a teacher forward per micro step (distillation: a frozen copy, or LoRA's base with adapters off)
 
 
 def communication_plan(shape: ModelShape, layout: ParallelLayout, step: StepShape,

@@ -14,6 +14,7 @@ from flashmorph.parallel.mesh import Mesh
 from flashmorph.parallel.sequence import install_sequence_parallel, shard_sequence
 from flashmorph.parallel.tensor import apply_tensor_parallel, tensor_parallel_state
 
+
 def parallelize_gate_search(model: nn.Module, mesh: Mesh, micro_batch_size: int) -> nn.Module:
     """Split a MorphableLM (built from unpartitioned weights, or around a model `load_sharded_causal_lm` already split
     over TP) over `mesh` in place: megatron TP on its projections and Ulysses SP around its attention; call before

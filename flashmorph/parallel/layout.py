@@ -126,4 +126,3 @@ def check_gate_granularity(layout: ParallelLayout, granularity: str, names: Degr
     if granularity == "head" and layout.tensor > 1:
         raise ConfigError(f"morph.gate_granularity=head cannot run with {names.tensor}={layout.tensor} (each TP rank "
                           f"holds a slice of the heads); use morph.gate_granularity=layer or {names.tensor}=1")
-

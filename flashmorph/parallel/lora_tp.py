@@ -32,6 +32,21 @@ class _HFBackend:
     RowParallelLinear = HFRowParallelLinear
 
 
+def broadcast_host_tensor(tensor: torch.Tensor, src: int, group) -> None:
+    """dist.broadcast of a tensor that may still be on the host: peft builds the adapters before DeepSpeed moves the
+    model to the accelerator, and an NCCL group takes device tensors only, so a host tensor travels through the
+    current device there (gloo, the CPU tests' backend, takes it as it is)."""
+    if tensor.device.type != "cpu" or dist.get_backend(group) == "gloo":
+        dist.broadcast(tensor, src, group=group)
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    on_device = tensor.to(get_accelerator().current_device_name(), copy=True)
+    dist.broadcast(on_device, src, group=group)
+    with torch.no_grad():
+        tensor.copy_(on_device)
+
+
 class TensorParallelLoraLinear(LoraParallelLinear):
     """peft's LoraParallelLinear on a HFColumnParallelLinear / HFRowParallelLinear.
 
@@ -66,7 +81,7 @@ class TensorParallelLoraLinear(LoraParallelLinear):
         src = dist.get_global_rank(group, 0)
         # every TP rank must hold the same whole adapter (a seed drawn differently would go unnoticed until export)
         whole = self.lora_B[adapter_name] if self.is_parallel_a else self.lora_A[adapter_name]
-        dist.broadcast(whole.weight.data, src, group=group)
+        broadcast_host_tensor(whole.weight.data, src, group)
         if self.is_parallel_a and init_lora_weights is True:
             self._kaiming_like_unsplit(self.lora_A[adapter_name].weight, group, src)
 
@@ -77,7 +92,7 @@ class TensorParallelLoraLinear(LoraParallelLinear):
         tp, tp_rank = dist.get_world_size(group), dist.get_rank(group)
         full = torch.empty(local.shape[0], local.shape[1] * tp, dtype=local.dtype, device=local.device)
         nn.init.kaiming_uniform_(full, a=math.sqrt(5))  # [r, in]
-        dist.broadcast(full, src, group=group)
+        broadcast_host_tensor(full, src, group)
         with torch.no_grad():
             local.copy_(full.chunk(tp, dim=1)[tp_rank])
 

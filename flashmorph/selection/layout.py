@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashmorph.errors import ConfigError
+from flashmorph.errors import ConfigError, check_choice
 from flashmorph.io.atomic import atomic_write_text
 
 LAYOUT_FORMAT = "flashmorph.hybrid/1"
@@ -57,8 +57,7 @@ class HybridLayout:
         if not isinstance(self.layer_types, list) or not self.layer_types:
             raise ConfigError(f"{where}: layer_types must be a non-empty list of {LAYER_TYPES}; {_FIX}")
         for i, kind in enumerate(self.layer_types):
-            if kind not in LAYER_TYPES:
-                raise ConfigError(f"{where}: layer_types[{i}]={kind!r} is unknown; use one of {LAYER_TYPES}")
+            check_choice(f"{where}: layer_types[{i}]", kind, LAYER_TYPES)
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"{where}: method must be a non-empty string; {_FIX}")
         if not isinstance(self.inputs, dict):

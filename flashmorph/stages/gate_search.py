@@ -20,8 +20,8 @@ from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, set
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
 from flashmorph.training.batches import sample_indices
-from flashmorph.training.losses import retrieval as losses
 from flashmorph.training.loop import LoopConfig, StepLog, train
+from flashmorph.training.losses import retrieval as losses
 from flashmorph.training.preemption import PreemptionGuard
 
 WEAK_TEACHER_RECALL = 0.5

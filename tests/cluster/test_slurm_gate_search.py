@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashmorph.cli import make_slurm
 from flashmorph.checkpoint.atomic import checkpoint_step, list_checkpoints, verify
+from flashmorph.cli import make_slurm
 from flashmorph.io.atomic import load_safetensors_verified
 from flashmorph.model.tiny import build_tiny_model, tiny_config
 from slurm_helpers import fake_slurm_env

@@ -123,4 +123,23 @@ def test_a_dry_run_of_an_impossible_layout_is_one_line_exit_2(tmp_path, monkeypa
     assert len(err) == 1 and err[0].startswith("error: world_size=6 is not divisible by parallel.tensor_parallel=4")
     with pytest.raises(SystemExit):
         main(["--config", path, "--dry-run", "--world-size", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a real run's world size comes from its launcher
+        main(["--config", path, "--world-size", "8"])
+    assert "--world-size goes with --dry-run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dry_run_refuses_what_the_run_refuses_and_plans_the_lora_teacher_pass():
+    path = Path(__file__).resolve().parents[2] / "recipes" / "llama3_70b_gate_search.yaml"
+    with pytest.raises(ConfigError, match="gate_granularity=head cannot run with parallel.tensor_parallel=8"):
+        dry_run(path, 8, "gate_search", ["morph.gate_granularity=head", "parallel.layouts={}",
+                                          "parallel.tensor_parallel=8"])
+    # LoRA's teacher is the student's base with adapters off: a second forward with its own TP all-reduces
+    distill = Path(__file__).resolve().parents[2] / "recipes" / "llama3_70b_distill.yaml"
+    plans = {trainable: {c.op: c.per_step for c in dry_run(distill, 8, "distill", [f"distill.trainable={trainable}",
+                                                                                     "parallel.layouts={}",
+                                                                                     "parallel.tensor_parallel=8"]
+                                                                     ).collectives}
+             for trainable in ("lora", "full")}
+    assert plans["lora"]["all_reduce"] == plans["full"]["all_reduce"] > 0

@@ -112,3 +112,31 @@ def test_zero3_over_the_mesh_trains_tp_adapters_like_one_process(ranks):
             torch.testing.assert_close(step[sure], -1e-2 * grad[sure].sign(), atol=1e-5, rtol=0.0,
                                        msg=lambda m: f"{name}, rank {rank}: {m}")
             assert step.abs().max() <= 1e-2 + 1e-6, name
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_adapter_init_broadcast_takes_host_tensors_on_any_backend(backend, monkeypatch):
+    """peft draws the adapters on the host, before DeepSpeed moves the model: NCCL refuses host tensors, so there
+    the broadcast goes through a device copy and lands back in the host tensor (the device is faked as the CPU)."""
+    import deepspeed.accelerator
+    import torch
+
+    from flashmorph.parallel import lora_tp
+
+    sent = []
+
+    def fake_broadcast(tensor, src, group=None):
+        sent.append(tensor)
+        tensor.fill_(7.0)  # what TP rank 0 holds
+
+    class FakeAccelerator:
+        def current_device_name(self):
+            return "cpu"
+
+    monkeypatch.setattr(lora_tp.dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(lora_tp.dist, "broadcast", fake_broadcast)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator())
+    host = torch.zeros(2, 3)
+    lora_tp.broadcast_host_tensor(host, 0, group=None)
+    assert torch.equal(host, torch.full((2, 3), 7.0))
+    assert (sent[0] is host) == (backend == "gloo")  # NCCL: a device copy travels, never the host tensor itself

@@ -13,8 +13,8 @@ from flashmorph.model.config import MorphConfig
 from flashmorph.model.hybrid import apply_hybrid_layout
 from flashmorph.model.morph import morph_model
 from flashmorph.model.tiny import build_tiny_model, tiny_config
-from flashmorph.training.losses.retrieval import RetrievalLossModel
 from flashmorph.parallel.sequence import check_sequence_parallel, shard_sequence
+from flashmorph.training.losses.retrieval import RetrievalLossModel
 
 SEQ_LEN, BATCH = 32, 2  # tiny Llama: 4 layers, hidden 64, 4 heads, 2 kv heads, vocab 64, fp32
 HYBRID_LAYOUT = ["full", "linear", "linear", "full"]

@@ -59,7 +59,6 @@ def _error(fn) -> str | None:
     return None
 
 
-
 def _compare(mesh, family: str, hybrid=None, shards=None) -> dict:
     """TP=2 model vs the unsplit one (built identically on this rank); tensors for the parent to compare."""
     from flashmorph.model.hybrid import apply_hybrid_layout
