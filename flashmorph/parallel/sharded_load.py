@@ -14,10 +14,11 @@ from torch import nn
 
 from flashmorph.errors import CheckpointError
 from flashmorph.model.hf_dir import read_safetensors_header, validate_model_dir, weight_files
-from flashmorph.model.load import torch_dtype
+from flashmorph.model.load import load_causal_lm, torch_dtype
 from flashmorph.parallel import tp_rules
 from flashmorph.parallel.mesh import Mesh
 from flashmorph.parallel.tensor import apply_tensor_parallel, holds_slice
+from flashmorph.parallel.zero import zero3_model_init
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +111,12 @@ def load_sharded_causal_lm(model_dir: str | Path, mesh: Mesh, dtype: str = "bflo
     materialize_from_safetensors(lm, model_dir, mesh.tp_size, tp_rank, where)
     log.info("loaded TP rank %d of %d from %s", tp_rank, mesh.tp_size, model_dir)
     return lm
+
+
+def load_for_mesh(model_dir: str | Path, mesh: Mesh, dtype: str, ds_config: dict) -> nn.Module:
+    """Where a stage's weights land, the one rule: at TP=1 `load_causal_lm` under zero.Init (ZeRO-3 partitions at
+    load; a no-op below stage 3), with TP each rank's slices only, in megatron's layers (`load_sharded_causal_lm`)."""
+    if mesh.tp_size == 1:
+        with zero3_model_init(ds_config):
+            return load_causal_lm(model_dir, dtype)
+    return load_sharded_causal_lm(model_dir, mesh, dtype)

@@ -20,11 +20,11 @@ from flashmorph.data.mixture import text_retrieval_mixture
 from flashmorph.data.packed_text import PackedTextDataset
 from flashmorph.io import atomic as io_atomic
 from flashmorph.model.hybrid import apply_hybrid_layout, read_layout
-from flashmorph.model.load import load_causal_lm
 from flashmorph.model.morph import apply_layer_modes
 from flashmorph.parallel import distributed, zero
 from flashmorph.parallel.layout import layout_from_config
 from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
+from flashmorph.parallel.sharded_load import load_for_mesh
 from flashmorph.run_dir import RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.training import lora
 from flashmorph.training.batches import sample_indices
@@ -57,15 +57,8 @@ def _student_source(recipe: DistillRecipe) -> Path:
 def build_distill_model(recipe: DistillRecipe, ds_config: dict, mesh: Mesh) -> tuple[DistillModel, list]:
     """Student (hybrid, trainable set applied), teacher, and the trainable parameters; parallel layers swapped in."""
     cfg, dtype = recipe.distill, recipe.model.dtype
-    if mesh.layout.tensor == 1:  # zero.Init shards at load
-        with zero.zero3_model_init(ds_config):
-            student = load_causal_lm(_student_source(recipe), dtype)
-            teacher = load_causal_lm(recipe.model.path, dtype) if cfg.trainable != "lora" else None
-    else:  # each rank reads only its TP slices, already in megatron's parallel layers
-        from flashmorph.parallel.sharded_load import load_sharded_causal_lm
-
-        student = load_sharded_causal_lm(_student_source(recipe), mesh, dtype)
-        teacher = load_sharded_causal_lm(recipe.model.path, mesh, dtype) if cfg.trainable != "lora" else None
+    student = load_for_mesh(_student_source(recipe), mesh, dtype, ds_config)
+    teacher = load_for_mesh(recipe.model.path, mesh, dtype, ds_config) if cfg.trainable != "lora" else None
     modes = read_layout(recipe.student.layout, student.config.num_hidden_layers)
     model, trainable = prepare_distill_model(student, teacher, modes, cfg, recipe.morph, mesh,
                                              recipe.model.activation_checkpointing)

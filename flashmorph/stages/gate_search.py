@@ -11,11 +11,11 @@ from flashmorph.config import GateSearchRecipe, num_full_layers, validate_recipe
 from flashmorph.data import RetrievalDataset
 from flashmorph.data.from_model import data_for_model
 from flashmorph.io import atomic as io_atomic
-from flashmorph.model.load import load_causal_lm
 from flashmorph.parallel import distributed, zero
 from flashmorph.parallel.gate_parallel import answer_loss_scale, local_gate_batch, parallelize_gate_search
 from flashmorph.parallel.layout import layout_from_config
 from flashmorph.parallel.mesh import Mesh, destroy_mesh, init_mesh
+from flashmorph.parallel.sharded_load import load_for_mesh
 from flashmorph.run_dir import TEACHER_REPORT_NAME, RunDir, prepare_run_dir, setup_file_logging
 from flashmorph.selection.discretize import top_k_indices
 from flashmorph.stages.teacher import require_teacher, train_teacher
@@ -60,7 +60,7 @@ def gate_search_ds_config(search, parallel, dtype: str, dp_size: int) -> dict:
 
 def build_gate_engine(lm, morph_config, ds_config: dict, seed: int, mesh: Mesh,
                       micro_batch_size: int) -> tuple[losses.RetrievalLossModel, object]:
-    """Gates around `lm` (frozen; loaded under zero.Init, or TP-sharded by load_sharded_causal_lm, by the caller),
+    """Gates around `lm` (frozen; loaded by the caller with `load_for_mesh`: under zero.Init, or TP-sharded),
     split over `mesh` for its TP and SP degrees, and the engine that trains only the gates."""
     torch.manual_seed(seed)  # the gates' initial values
     model = parallelize_gate_search(losses.RetrievalLossModel(lm, morph_config), mesh, micro_batch_size)
@@ -74,13 +74,7 @@ def build_gate_search(recipe: GateSearchRecipe, model_dir: Path,
     """The recipe's model from `model_dir`, partitioned at load (ZeRO-3 at TP=1, each rank's TP slices otherwise),
     with its gates and their engine."""
     ds_config = gate_search_ds_config(recipe.search, recipe.parallel, recipe.model.dtype, mesh.dp_size)
-    if mesh.tp_size == 1:
-        with zero.zero3_model_init(ds_config):
-            lm = load_causal_lm(model_dir, recipe.model.dtype)
-    else:
-        from flashmorph.parallel.sharded_load import load_sharded_causal_lm
-
-        lm = load_sharded_causal_lm(model_dir, mesh, recipe.model.dtype)
+    lm = load_for_mesh(model_dir, mesh, recipe.model.dtype, ds_config)
     if recipe.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return build_gate_engine(lm, recipe.morph, ds_config, recipe.run.seed, mesh, recipe.search.micro_batch_size)
